@@ -1,0 +1,15 @@
+"""kd: the distillation module. Pure PyTorch; importable without DeepSpeed.
+
+- ``kd.losses``: per-token losses ``(student_logits, teacher_logits, T, **params) -> [N]`` and a registry
+- ``kd.distill_loss``: a method's loss on materialised logits (masking, T^2, term mixing)
+- ``kd.fused_distill_loss``: the same from hidden states and lm-head weights, chunked
+- ``kd.reduce``: sum / count over data- and sequence-parallel ranks
+- ``kd.metrics``: OR@k, CR@k, top-1 agreement
+- ``kd.schedule``: weights that move with training progress (GRKD's transition)
+"""
+from . import losses, metrics, reduce, schedule
+from .head import fused_distill_loss, softcap
+from .objective import METHODS, Objective, build_objective, distill_loss
+
+__all__ = ["losses", "metrics", "reduce", "schedule", "distill_loss", "fused_distill_loss",
+           "build_objective", "Objective", "METHODS", "softcap"]

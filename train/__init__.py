@@ -1,0 +1,1 @@
+"""train: DeepSpeed orchestration (the training stack arrives with its own issue)."""
