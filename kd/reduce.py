@@ -23,7 +23,10 @@ def masked_sum_count(per_token: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def world_size(group=None) -> int:
-    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+    """Ranks in ``group``; ``None`` means no reduction at all (not torch's default group)."""
+    if group is None or not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size(group)
 
 
 class _AllReduceSum(torch.autograd.Function):
