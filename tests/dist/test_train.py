@@ -1,0 +1,110 @@
+"""kd-train end to end on 2 real deepspeed CPU ranks: learning, outputs, exact resume, interrupted
+saves, ZeRO-3 against stage 0, and the errors users meet first."""
+import json
+
+import pytest
+import torch
+
+from .conftest import kd_train, metrics
+
+pytestmark = pytest.mark.dist
+
+
+def test_grkd_run_learns_and_writes_its_outputs(kd_setup):
+    run = kd_setup / "runs" / "learn"
+    kd_train(kd_setup / "recipe.yaml", "run_name=learn", "train.steps=40", "train.eval_every=20",
+             "train.log_every=10")
+    rows = metrics(run)
+    assert [r["step"] for r in rows] == list(range(1, 41))
+    def mean(key, part):
+        return sum(r[key] for r in part) / len(part)
+    # the total rises with lambda by design; each term and the alignment must improve
+    assert mean("soft_target", rows[-5:]) < 0.7 * mean("soft_target", rows[:5])
+    assert mean("group_relative", rows[-5:]) < 0.9 * mean("group_relative", rows[:5])
+    assert mean("overlap@5", rows[-5:]) > mean("overlap@5", rows[:5]) + 0.2
+    assert {"soft_target", "group_relative", "lambda", "lr", "tokens_per_s", "overlap@5"} <= set(rows[-1])
+    assert rows[0]["lambda"] == 0.0 and rows[-1]["lambda"] == pytest.approx(0.5)
+    evals = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
+    assert [e["step"] for e in evals] == [20, 40]
+    assert evals[-1]["eval_forward_kl"] < evals[0]["eval_forward_kl"]
+    assert (run / "report.md").is_file() and (run / "loss.png").is_file()
+    assert (run / "config.yaml").is_file() and any((run / "tensorboard").iterdir())
+    assert (run / "checkpoints" / "latest").read_text() == "step_00000040"
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained(run / "student-hf")
+    tok = AutoTokenizer.from_pretrained(run / "student-hf")
+    ids = tok("Reverse: a b c\nAnswer:", return_tensors="pt").input_ids
+    assert torch.isfinite(model(ids).logits).all()
+
+
+def test_resume_is_exact_and_a_killed_save_keeps_the_previous_checkpoint(kd_setup):
+    recipe, runs = kd_setup / "recipe.yaml", kd_setup / "runs"
+    kd_train(recipe, "run_name=straight", "train.save_every=3")
+    straight = [r["loss"] for r in metrics(runs / "straight")]
+
+    killed = kd_train(recipe, "run_name=killed", "train.save_every=3", check=False,
+                      env={"KD_FAULT": "kill-during-save:6"})
+    assert killed.returncode != 0
+    ckpts = runs / "killed" / "checkpoints"
+    assert (ckpts / "latest").read_text() == "step_00000003"
+    assert (ckpts / "step_00000006").is_dir() and not (ckpts / "step_00000006" / "COMPLETE").exists()
+
+    kd_train(recipe, "run_name=killed", "train.save_every=3", "resume=auto")
+    resumed = metrics(runs / "killed")
+    assert [r["step"] for r in resumed] == list(range(1, 7))
+    assert [r["loss"] for r in resumed] == pytest.approx(straight, rel=1e-6)
+    assert (ckpts / "latest").read_text() == "step_00000006"
+    assert (ckpts / "step_00000006" / "COMPLETE").exists()
+
+
+def test_zero3_step_equals_stage0_step(kd_setup):
+    recipe, runs = kd_setup / "recipe.yaml", kd_setup / "runs"
+    for stage in (0, 3):
+        kd_train(recipe, f"run_name=stage{stage}", f"parallel.zero_stage={stage}", "train.steps=3",
+                 "data.eval=null", f"model.student={kd_setup / 'student-init'}")
+    l0, l3 = ([r["loss"] for r in metrics(runs / f"stage{s}")] for s in (0, 3))
+    assert l3 == pytest.approx(l0, rel=1e-5)
+    from safetensors.torch import load_file
+    w0 = load_file(runs / "stage0" / "student-hf" / "model.safetensors")
+    w3 = load_file(runs / "stage3" / "student-hf" / "model.safetensors")
+    assert w0.keys() == w3.keys()
+    for k in w0:
+        torch.testing.assert_close(w3[k], w0[k], rtol=1e-4, atol=1e-6)
+
+
+def test_bad_record_names_file_and_line(kd_setup, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    good = (kd_setup / "data" / "train.jsonl").read_text().splitlines()
+    bad.write_text("\n".join(good[:10] + ['{"prompt": "x", "response": '] + good[10:40]) + "\n")
+    proc = kd_train(kd_setup / "recipe.yaml", "run_name=bad", f"data.train={bad}", check=False)
+    assert proc.returncode != 0
+    assert f"{bad}" in proc.stderr and "line 11" in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+
+
+def test_teacher_with_another_tokenizer_is_refused(kd_setup, tmp_path):
+    from train.demo_task import demo_texts
+    from train.tokenizer import train_sentencepiece
+    other = tmp_path / "other-tok"
+    train_sentencepiece(demo_texts(kd_setup / "data" / "train.jsonl"), other, vocab_size=380, model_type="unigram")
+    proc = kd_train(kd_setup / "recipe.yaml", "run_name=mismatch", f"data.tokenizer={other}", check=False)
+    assert proc.returncode != 0
+    assert "teacher tokenizer" in proc.stderr and "vocab-check" in proc.stderr, proc.stderr[-3000:]
+
+
+def test_nan_losses_are_skipped_then_stop_with_checkpoint_intact(kd_setup):
+    run = kd_setup / "runs" / "nan"
+    proc = kd_train(kd_setup / "recipe.yaml", "run_name=nan", "train.steps=12", "train.save_every=1",
+                    "train.lr=1e12", "train.grad_clip=0", "train.max_bad_steps=2", "train.warmup_steps=0",
+                    check=False)
+    assert proc.returncode != 0
+    assert "NaN/inf loss" in proc.stderr and "train.max_bad_steps" in proc.stderr, proc.stderr[-3000:]
+    latest = (run / "checkpoints" / "latest").read_text()
+    assert (run / "checkpoints" / latest / "COMPLETE").exists()
+
+
+def test_config_typo_fails_before_launch_with_a_suggestion(kd_setup):
+    proc = kd_train(kd_setup / "recipe.yaml", "train.stpes=3", check=False, timeout=60)
+    assert proc.returncode == 2
+    assert "train.steps" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,0 +1,82 @@
+"""kd-train: ``kd-train RECIPE.yaml [dotted.key=value ...]``; with no arguments, the CPU demo.
+
+Not under a launcher, it checks the config (so a typo fails in a second, not after spawning
+ranks), prepares the demo's data and teacher when the recipe points at them, and re-launches
+itself with the ``deepspeed`` launcher (``parallel.nproc`` ranks; 2 on CPU, every GPU otherwise;
+``DS_ACCELERATOR=cpu`` without a GPU). Under a launcher (``deepspeed ... -m train RECIPE``, MPI,
+torchrun) it just runs.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+USER_ERRORS = ("ConfigError", "DataError", "TrainingError", "CheckpointError", "FileNotFoundError")
+
+
+def launched() -> bool:
+    return any(v in os.environ for v in ("LOCAL_RANK", "RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"))
+
+
+def default_nproc() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(recipe: str, overrides: list[str], nproc: int) -> int:
+    """Run this recipe on ``nproc`` local ranks through the deepspeed launcher; its exit code."""
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        env.setdefault("DS_ACCELERATOR", "cpu")
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // nproc)))
+    deepspeed = Path(sys.executable).with_name("deepspeed")
+    cmd = [str(deepspeed) if deepspeed.exists() else "deepspeed", "--num_gpus", str(nproc),
+           "--master_port", str(_free_port()), "--module", "train", recipe, *overrides]
+    return subprocess.run(cmd, env=env).returncode
+
+
+def fail(err: BaseException) -> int:
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 0:
+        print(f"\nkd-train: error: {err}\n", file=sys.stderr, flush=True)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = [a for a in argv if not a.startswith("--local_rank")]   # the deepspeed launcher adds it
+    if not argv or argv[0] in ("-h", "--help"):
+        if argv:
+            print(__doc__)
+            return 0
+        from . import demo
+        return demo.main()
+    recipe, overrides = argv[0], argv[1:]
+    from .config import load_config
+    try:
+        cfg = load_config(recipe, overrides)
+        if not launched():
+            from . import demo
+            demo.ensure_prerequisites(cfg)
+            return launch(recipe, overrides, cfg.parallel.nproc or default_nproc())
+        from .loop import run
+        run(cfg)
+    except Exception as e:  # user errors: one paragraph, no traceback; bugs keep theirs
+        if type(e).__name__ in USER_ERRORS:
+            return fail(e)
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,595 @@
+"""The typed run configuration of ``kd-train RECIPE.yaml [key=value ...]``.
+
+A run is a tree of dataclasses (``Config`` with sections ``model``, ``train``, ``loss``, ``data``,
+``parallel``) filled from three layers, later ones winning: the defaults below, the recipe YAML,
+and dotted ``key=value`` overrides from the command line (``train.steps=8``, ``loss.params.k=16``,
+``data.pack=true``, ``train.betas=[0.9,0.99]``, ``run_name=x``). Override values are parsed with
+``yaml.safe_load``; a string field takes the override text as written, so ``run_name=2024`` is the
+string ``"2024"``.
+
+Every key except the free-form ``loss.params`` is checked: unknown keys get a "did you mean"
+suggestion, values are type checked (ints must be integers, numbers accept ints and ``1e-5``-style
+strings because YAML 1.1 reads ``1e-5`` as a string, bools must be true/false, optional fields take
+null/none), enum-like fields and ranges are checked, and ``loss.params`` is handed to
+``kd.build_objective`` once so a typo fails here rather than on 8 GPUs. Every problem is a
+``ConfigError`` naming where the value came from.
+
+Paths (data files, model directories, ds_config overrides, ``resume``) are kept exactly as written
+and are relative to the directory kd-train runs in, not to the recipe file; existence is checked by
+whoever opens them.
+
+``ds_config(config, role, world_size)`` turns a Config into the DeepSpeed config dict of the student
+or the teacher engine, starting from the JSON defaults in ``ds_configs/``.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from kd import METHODS, build_objective
+
+__all__ = ["ConfigError", "Config", "ModelConfig", "TrainConfig", "LossConfig", "DataConfig",
+           "ParallelConfig", "load_config", "config_from_dict", "dump_yaml", "ds_config",
+           "resolve_dtype", "DS_CONFIG_DIR"]
+
+DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
+_DEFAULT = "the defaults"                        # source of a value nobody set
+
+
+class ConfigError(ValueError):
+    """A bad run configuration; the message names the source, the key, the value and the fix."""
+
+
+def _opt(default: Any = dataclasses.MISSING, *, factory: Any = None, **checks: Any) -> Any:
+    """A dataclass field whose metadata carries its checks: ``choices`` (with ``aliases``),
+    ``words`` (case-insensitive keywords of a free string), bounds ``gt``/``ge``/``lt``/``le``, and
+    ``expect`` (what error messages say is expected)."""
+    if factory is not None:
+        return field(default_factory=factory, metadata=checks)
+    return field(default=default, metadata=checks)
+
+
+_DTYPE_ALIASES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32",
+                  "float": "fp32"}
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    # HF model dir, a preset name of train.models.PRESETS (demo-student, demo-teacher) or a
+    # config.json path (random init)
+    student: str
+    teacher: str | None = None                  # same forms; None only for loss.method == "sft"
+    student_init: str | None = None             # HF dir / checkpoint to initialise the student from
+    attn_implementation: str = _opt("auto", choices=("auto", "sdpa", "eager", "flash_attention_2"))
+    dtype: str = _opt("auto", choices=("auto", "bf16", "fp16", "fp32"), aliases=_DTYPE_ALIASES)
+    activation_checkpointing: bool = False
+    vocab_size: int | None = _opt(None, gt=0)   # distill over the first N logits (padding rows)
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    steps: int = _opt(100, gt=0)
+    seed: int = _opt(0, ge=0)
+    micro_batch: int = _opt(8, gt=0)
+    grad_accum: int = _opt(1, gt=0)
+    lr: float = _opt(3e-4, gt=0)
+    warmup_steps: int = _opt(10, ge=0)
+    min_lr_ratio: float = _opt(0.1, ge=0, le=1)   # cosine decays to lr * min_lr_ratio
+    weight_decay: float = _opt(0.0, ge=0)
+    grad_clip: float = _opt(1.0, ge=0)            # 0 disables clipping
+    betas: tuple[float, float] = _opt((0.9, 0.95), ge=0, lt=1)
+    log_every: int = _opt(1, gt=0)
+    eval_every: int = _opt(0, ge=0)               # 0 = only at the end
+    save_every: int = _opt(0, ge=0)               # 0 = only at the end
+    keep_checkpoints: int = _opt(2, gt=0)
+    max_bad_steps: int = _opt(10, ge=0)           # NaN/inf loss steps skipped before stopping
+
+
+@dataclass(kw_only=True)
+class LossConfig:
+    method: str = _opt("grkd", choices=METHODS)
+    temperature: float = _opt(1.0, gt=0)
+    ce_weight: float = _opt(0.0, ge=0)
+    chunk_size: int = _opt(1024, gt=0)            # tokens per chunk of the fused loss head
+    metrics_k: int = _opt(5, gt=0)
+    params: dict = _opt(factory=dict)             # method-specific settings for kd.build_objective
+
+    def objective_kwargs(self) -> dict:
+        """Keyword arguments of ``kd.build_objective(method, progress, **kwargs)``."""
+        return {"temperature": self.temperature, "ce_weight": self.ce_weight,
+                **copy.deepcopy(self.params)}
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    train: str                                    # JSONL path, relative to where kd-train runs
+    eval: str | None = None
+    tokenizer: str | None = None                  # None: the student's tokenizer
+    max_len: int = _opt(512, ge=8)
+    pack: bool = False
+    eval_samples: int = _opt(200, ge=0)
+    max_new_tokens: int = _opt(32, ge=0)
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    nproc: int | None = _opt(None, gt=0)          # None: 2 on CPU, all GPUs otherwise
+    sequence: int = _opt(1, ge=1)                 # sequence-parallel degree
+    zero_stage: int = _opt(3, choices=(0, 1, 2, 3))   # the student's; the teacher is always ZeRO-3
+    offload_teacher: bool = False
+    offload_optimizer: bool = False
+    ds_config_student: str | None = None          # JSON replacing ds_configs/zero3_student*.json
+    ds_config_teacher: str | None = None
+
+
+@dataclass(kw_only=True)
+class Config:
+    run_name: str = "run"                         # the run lives in <output_dir>/<run_name>/
+    output_dir: str = "runs"
+    resume: str = _opt("none", words=("auto", "none"), expect="'auto', 'none' or a checkpoint path")
+    model: ModelConfig
+    train: TrainConfig = _opt(factory=TrainConfig)
+    loss: LossConfig = _opt(factory=LossConfig)
+    data: DataConfig
+    parallel: ParallelConfig = _opt(factory=ParallelConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.run_name
+
+    def to_dict(self) -> dict:
+        """Plain nested dict (lists, not tuples) that YAML can dump and ``config_from_dict`` reads."""
+        return _plain(dataclasses.asdict(self))
+
+    def validate(self) -> Config:
+        """Check a Config built or edited in code as strictly as a loaded one; returns a clean copy."""
+        return config_from_dict(self.to_dict(), source="Config object")
+
+
+# ---------------------------------------------------------------------------------------------
+# Schema: every dotted key, its type and its checks, derived from the dataclasses above.
+
+_SECTIONS: dict[str, type] = {"model": ModelConfig, "train": TrainConfig, "loss": LossConfig,
+                              "data": DataConfig, "parallel": ParallelConfig}
+_FREE_FORM = "loss.params"
+_REQUIRED = ("model.student", "data.train")
+
+
+def _schema() -> dict[str, tuple[Any, dict]]:
+    leaves: dict[str, tuple[Any, dict]] = {}
+    for prefix, cls in [("", Config)] + [(f"{s}.", c) for s, c in _SECTIONS.items()]:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.name not in _SECTIONS or cls is not Config:
+                leaves[prefix + f.name] = (hints[f.name], dict(f.metadata))
+    return leaves
+
+
+_LEAVES = _schema()
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        return inner[0], True
+    return tp, False
+
+
+def _expectation(tp: Any, checks: dict) -> str:
+    base, optional = _unwrap_optional(tp)
+    if "expect" in checks:
+        text = checks["expect"]
+    elif "choices" in checks:
+        text = "one of " + ", ".join(repr(c) for c in checks["choices"])
+    elif base is bool:
+        text = "true or false"
+    elif base is int:
+        text = "an integer"
+    elif base is float:
+        text = "a number"
+    elif base is str:
+        text = "a non-empty string"
+    elif typing.get_origin(base) is tuple:
+        text = f"a list of {len(typing.get_args(base))} numbers"
+    else:
+        text = "a mapping of settings"
+    bounds = [f"{op} {checks[k]}" for k, op in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="))
+              if k in checks]
+    if bounds:
+        text += (" each" if typing.get_origin(base) is tuple else "") + " " + " and ".join(bounds)
+    return text + (", or null" if optional else "")
+
+
+def _bad_value(key: str, value: Any, where: str, tp: Any, checks: dict, hint: str = "") -> ConfigError:
+    kind = "null" if value is None else type(value).__name__
+    return ConfigError(f"Invalid configuration in {where}: {key} expects {_expectation(tp, checks)}, "
+                       f"got {value!r} ({kind}).{hint}")
+
+
+_NULLS = ("", "none", "null")
+
+
+def _coerce(key: str, value: Any, where: str) -> Any:
+    """Type check ``value`` for the leaf ``key`` and apply its checks; the value to store."""
+    tp, checks = _LEAVES[key]
+    base, optional = _unwrap_optional(tp)
+    if optional and (value is None or (isinstance(value, str) and value.strip().lower() in _NULLS)):
+        return None
+
+    def bad(hint: str = "") -> ConfigError:
+        return _bad_value(key, value, where, tp, checks, hint)
+
+    if base is bool:
+        if not isinstance(value, bool):
+            raise bad()
+        return value
+    if base is int:
+        # bool is an int subclass, and silently truncating 1.5 or parsing "8" hides mistakes
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad()
+        out: Any = value
+    elif base is float:
+        out = _number(value)
+        if out is None:
+            raise bad(" Write numbers like 1.0e-5 or 0.0003.")
+    elif base is str:
+        if not isinstance(value, str) or not value.strip():
+            quote = value is not None and not isinstance(value, str)
+            raise bad(" Quote values that YAML would read as another type." if quote else "")
+        # case-insensitive for the fixed words, so "BF16", "bfloat16" and "Auto" work
+        low = value.strip().lower()
+        words = checks.get("choices", checks.get("words", ()))
+        out = checks.get("aliases", {}).get(low, low if low in words else value)
+    elif typing.get_origin(base) is tuple:
+        n = len(typing.get_args(base))
+        items = [_number(v) for v in value] if isinstance(value, (list, tuple)) else []
+        if len(items) != n or None in items:
+            raise bad()
+        out = tuple(items)
+    else:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise bad()
+        return copy.deepcopy(value)
+
+    if "choices" in checks and out not in checks["choices"]:
+        near = difflib.get_close_matches(str(out), [str(c) for c in checks["choices"]], n=1)
+        raise bad(f" Did you mean {near[0]!r}?" if near else "")
+    for v in (out if isinstance(out, tuple) else (out,)):
+        if (("gt" in checks and not v > checks["gt"]) or ("ge" in checks and not v >= checks["ge"])
+                or ("lt" in checks and not v < checks["lt"]) or ("le" in checks and not v <= checks["le"])):
+            raise bad()
+    return out
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return None
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def _suggest(key: str) -> str | None:
+    """The valid dotted key closest to a mistyped one (``train.lrr`` -> ``train.lr``, ``steps`` ->
+    ``train.steps``, ``trian`` -> ``train``)."""
+    names = list(_LEAVES) + list(_SECTIONS)
+    leaf = key.rsplit(".", 1)[-1]
+    same_leaf = [n for n in _LEAVES if n.rsplit(".", 1)[-1] == leaf]
+    if same_leaf:
+        return same_leaf[0]
+    near = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+    if near:
+        return near[0]
+    by_leaf = {n.rsplit(".", 1)[-1]: n for n in _LEAVES}
+    near = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.6)
+    return by_leaf[near[0]] if near else None
+
+
+def _unknown_key(key: str, where: str) -> ConfigError:
+    msg = f"Unknown configuration key '{key}' in {where}."
+    if key.startswith("loss.") and not key.startswith(_FREE_FORM):
+        msg += (f" Method-specific loss settings go under loss.params (e.g. loss.params.{key[5:]});"
+                " loss itself takes " + ", ".join(k[5:] for k in _LEAVES if k.startswith("loss.")) + ".")
+    else:
+        near = _suggest(key)
+        if near:
+            msg += f" Did you mean '{near}'?"
+    return ConfigError(msg + " Keys are dotted paths such as train.steps or loss.params.k; the full"
+                             " list is in train/config.py.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading: flatten every layer into {dotted key: value} with a source per key, then check.
+
+def _is_param(key: str) -> bool:
+    return key == _FREE_FORM or key.startswith(_FREE_FORM + ".")
+
+
+class _Layers:
+    def __init__(self) -> None:
+        self.values: dict[str, Any] = {}
+        self.sources: dict[str, str] = {}
+
+    def set(self, key: str, value: Any, where_of: Callable[[str], str]) -> None:
+        """Store ``value`` under dotted ``key``; ``where_of(key)`` describes its source in errors."""
+        where = where_of(key)
+        if _is_param(key):
+            self._set_param(key, value, where)
+        elif key in _SECTIONS:
+            if value is None:            # an empty section, e.g. "train:" with nothing under it
+                return
+            if not isinstance(value, dict):
+                raise ConfigError(f"Invalid configuration in {where}: '{key}' is a section and expects a "
+                                  f"mapping of its settings (e.g. {key}: {{...}}), got {value!r}.")
+            for k, v in value.items():
+                self.set(f"{key}.{_key_of(k, where)}", v, where_of)
+        elif key in _LEAVES:
+            self.values[key] = _coerce(key, value, where)
+            self.sources[key] = where
+        else:
+            raise _unknown_key(key, where)
+
+    def _set_param(self, key: str, value: Any, where: str) -> None:
+        if key == _FREE_FORM:            # a whole mapping replaces the params set so far
+            self.values[key] = _coerce(key, {} if value is None else value, where)
+            self.sources[key] = where
+            return
+        params = self.values.setdefault(_FREE_FORM, {})
+        *parents, last = key[len(_FREE_FORM) + 1:].split(".")
+        for p in parents:
+            params = params.setdefault(p, {})
+            if not isinstance(params, dict):
+                raise ConfigError(f"Invalid configuration in {where}: {key} nests under a loss "
+                                  f"parameter that is not a mapping.")
+        params[last] = value
+        self.sources[_FREE_FORM] = where
+
+    def where(self, key: str) -> str:
+        return self.sources.get(key, _DEFAULT)
+
+
+def _key_of(k: Any, where: str) -> str:
+    if not isinstance(k, str) or not k:
+        raise ConfigError(f"Invalid configuration in {where}: keys must be non-empty strings, got {k!r}.")
+    return k
+
+
+def _add_tree(layers: _Layers, tree: Any, source: str) -> None:
+    if tree is None:
+        return
+    if not isinstance(tree, dict):
+        raise ConfigError(f"Invalid configuration in {source}: expected a mapping of settings at the top "
+                          f"level (run_name:, model:, train:, ...), got {type(tree).__name__}.")
+    for k, v in tree.items():
+        layers.set(_key_of(k, source), v, lambda key: f"{source}, key '{key}'")
+
+
+def _add_override(layers: _Layers, text: str) -> None:
+    where = f"command-line override '{text}'"
+    key, eq, raw = text.partition("=")
+    key = key.strip()
+    if not eq or not key:
+        raise ConfigError(f"Invalid {where}: overrides are dotted.key=value, e.g. train.steps=8 or "
+                          "loss.params.k=16.")
+    try:
+        value = yaml.safe_load(raw)
+        parse_error = None
+    except yaml.YAMLError as e:
+        value, parse_error = raw, e
+    if not (key in _LEAVES or key in _SECTIONS or _is_param(key)):
+        raise _unknown_key(key, where)
+    base, _ = _unwrap_optional(_LEAVES[key][0]) if key in _LEAVES else (None, False)
+    if base is str and value is not None and not isinstance(value, str):
+        value = raw                      # the shell already split words: take the text as written
+    elif parse_error is not None and base is not str:
+        raise ConfigError(f"Invalid {where}: the value {raw!r} is not valid YAML "
+                          f"({str(parse_error).splitlines()[0]}).")
+    layers.set(key, value, lambda _: where)
+
+
+def _read_yaml(path: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"Recipe file '{path}' not found (relative paths are taken from the directory "
+                          f"kd-train runs in, {Path.cwd()}).") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"Recipe file '{path}' is not valid YAML: {' '.join(str(e).split())}") from None
+
+
+def load_config(path: str | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """The Config of recipe ``path`` (or defaults only when None) with ``overrides`` applied."""
+    layers = _Layers()
+    if path is not None:
+        _add_tree(layers, _read_yaml(path), f"recipe '{path}'")
+    for text in overrides:
+        _add_override(layers, text)
+    return _build(layers, "the command line" if path is None else f"recipe '{path}'")
+
+
+def config_from_dict(tree: dict, overrides: list[str] | tuple[str, ...] = (),
+                     source: str = "config dict") -> Config:
+    """Like ``load_config`` from an in-memory nested dict (as ``Config.to_dict`` returns)."""
+    layers = _Layers()
+    _add_tree(layers, tree, source)
+    for text in overrides:
+        _add_override(layers, text)
+    return _build(layers, source)
+
+
+def _build(layers: _Layers, origin: str) -> Config:
+    for key in _REQUIRED:
+        if key not in layers.values:
+            what = ("an HF model directory, a preset (demo-student, demo-teacher) or a config.json path"
+                    if key == "model.student" else "the path of the training JSONL file")
+            raise ConfigError(f"Missing required setting {key}: {origin} has no value for it and there is "
+                              f"no default. Expected {what}; set it in the recipe or pass {key}=... on the "
+                              "command line.")
+    sections: dict[str, dict] = {name: {} for name in _SECTIONS}
+    top: dict[str, Any] = {}
+    for key, value in layers.values.items():
+        section, _, name = key.partition(".")
+        if name:
+            sections[section][name] = value
+        else:
+            top[key] = value
+    config = Config(**top, **{name: cls(**sections[name]) for name, cls in _SECTIONS.items()})
+    _cross_check(config, layers)
+    return config
+
+
+def _cross_check(c: Config, layers: _Layers) -> None:
+    if c.model.teacher is None and c.loss.method != "sft":
+        raise ConfigError(
+            f"Missing model.teacher: loss.method is {c.loss.method!r} (from {layers.where('loss.method')}), "
+            "which distills from a teacher. Set model.teacher to an HF model directory, a preset or a "
+            "config.json path, or use loss.method=sft to fine-tune the student without a teacher.")
+    p = c.parallel
+    if p.nproc is not None and p.nproc % p.sequence:
+        raise ConfigError(
+            f"Invalid configuration in {layers.where('parallel.nproc')}: parallel.nproc={p.nproc} is not a "
+            f"multiple of parallel.sequence={p.sequence} ({layers.where('parallel.sequence')}); each "
+            "sequence-parallel group needs parallel.sequence ranks.")
+    if p.offload_optimizer and p.zero_stage == 0:
+        raise ConfigError(
+            f"Invalid configuration in {layers.where('parallel.offload_optimizer')}: "
+            "parallel.offload_optimizer=true needs parallel.zero_stage 1, 2 or 3, got 0.")
+    clash = sorted({"temperature", "ce_weight"} & set(c.loss.params))
+    if clash:
+        raise ConfigError(
+            f"Invalid configuration in {layers.where(_FREE_FORM)}: loss.params.{clash[0]} duplicates "
+            f"loss.{clash[0]}; set loss.{clash[0]} instead.")
+    try:
+        build_objective(c.loss.method, 0.0, **c.loss.objective_kwargs())
+    except (ValueError, TypeError) as e:
+        reason = str(e).rstrip(".")
+        raise ConfigError(
+            f"Invalid loss settings in {layers.where(_FREE_FORM)} for loss.method {c.loss.method!r} "
+            f"(from {layers.where('loss.method')}): {reason}. Method-specific settings go under loss.params."
+        ) from None
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
+
+
+def dump_yaml(config: Config, path: str | Path) -> Path:
+    """Write the resolved config (e.g. to runs/<run>/config.yaml); ``load_config`` reads it back equal."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(config.to_dict(), sort_keys=False, default_flow_style=None)
+    path.write_text("# Resolved kd-train configuration: defaults, recipe and overrides.\n"
+                    f"# Rerun with: kd-train {path}\n" + text, encoding="utf-8")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# DeepSpeed configs
+
+def resolve_dtype(dtype: str, device: str | None = None) -> str:
+    """``auto`` is bf16 on an accelerator and fp32 on CPU; explicit choices pass through.
+
+    Without ``device``, the same test as ``train.models.resolve_dtype`` (CUDA with bf16 support), so
+    the DeepSpeed precision always matches the dtype the weights are loaded in.
+    """
+    if dtype != "auto":
+        return dtype
+    if device is None:
+        import torch
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    return "fp32" if device == "cpu" else "bf16"
+
+
+# Dynamic loss scaling for an fp16 student, unless the JSON file sets its own.
+_FP16_LOSS_SCALING = {"loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
+                      "hysteresis": 2, "min_loss_scale": 1}
+
+
+def ds_config(config: Config, role: str, world_size: int, *, device: str | None = None) -> dict:
+    """The DeepSpeed config dict of the ``"student"`` or ``"teacher"`` engine.
+
+    Starts from ``parallel.ds_config_<role>`` or the default in ``ds_configs/`` (the ``_offload``
+    variant when offloading), keeps every setting of the file, and overwrites the keys the run config
+    owns: batch sizes (``train_batch_size`` counts data-parallel ranks, world_size // sequence),
+    gradient clipping, ZeRO stage, offload on/off and precision (``model.dtype`` through
+    ``resolve_dtype(dtype, device)``). The student has no optimizer/scheduler section
+    (the trainer passes torch objects); the teacher is frozen: ZeRO-3, no optimizer, no clipping.
+    """
+    if role not in ("student", "teacher"):
+        raise ValueError(f"role must be 'student' or 'teacher', got {role!r}")
+    p, t = config.parallel, config.train
+    if world_size < 1 or world_size % p.sequence:
+        raise ConfigError(f"world size {world_size} is not a positive multiple of parallel.sequence="
+                          f"{p.sequence}; launch a multiple of {p.sequence} ranks.")
+    offload = p.offload_optimizer if role == "student" else p.offload_teacher
+    user_path = p.ds_config_student if role == "student" else p.ds_config_teacher
+    default = DS_CONFIG_DIR / f"zero3_{role}{'_offload' if offload else ''}.json"
+    path = Path(user_path) if user_path else default
+    key = f"parallel.ds_config_{role}"
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"Cannot read the DeepSpeed config '{path}'"
+                          f"{f' given by {key}' if user_path else ''}: {e}.") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"The DeepSpeed config '{path}' must hold a JSON object.")
+    for section in ("optimizer", "scheduler"):
+        if section in d and role == "student":
+            raise ConfigError(f"The DeepSpeed config '{path}' has an '{section}' section; remove it: the "
+                              "trainer builds the optimizer and LR schedule from train.lr, train.betas, "
+                              "train.weight_decay, train.warmup_steps and train.min_lr_ratio.")
+        d.pop(section, None)
+
+    d["train_micro_batch_size_per_gpu"] = t.micro_batch
+    d["gradient_accumulation_steps"] = t.grad_accum
+    d["train_batch_size"] = t.micro_batch * t.grad_accum * (world_size // p.sequence)
+    if p.sequence > 1:
+        # without an mpu DeepSpeed divides the world size by this to get data-parallel ranks
+        d["sequence_parallel_size"] = p.sequence
+    else:
+        d.pop("sequence_parallel_size", None)
+    d.setdefault("steps_per_print", 10**9)        # the trainer logs; keep DeepSpeed quiet
+    d.setdefault("wall_clock_breakdown", False)
+
+    zero = d.setdefault("zero_optimization", {})
+    zero["stage"] = p.zero_stage if role == "student" else 3
+    offload_key = "offload_optimizer" if role == "student" else "offload_param"
+    if offload:
+        zero[offload_key] = {"device": "cpu", "pin_memory": True, **(zero.get(offload_key) or {})}
+    else:
+        zero.pop(offload_key, None)
+    if role == "student":
+        d["gradient_clipping"] = t.grad_clip
+        d["zero_allow_untested_optimizer"] = True
+        if offload:
+            d["zero_force_ds_cpu_optimizer"] = False   # a torch optimizer is passed on purpose
+    else:
+        d.pop("gradient_clipping", None)
+        zero.pop("offload_optimizer", None)
+
+    dtype = resolve_dtype(config.model.dtype, device)
+    for name in ("bf16", "fp16"):
+        d[name] = {**d.get(name, {}), "enabled": dtype == name}
+    if dtype == "fp16" and role == "student":
+        d["fp16"] = {**_FP16_LOSS_SCALING, **d["fp16"]}
+    return d

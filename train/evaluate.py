@@ -1,0 +1,123 @@
+"""Held-out evaluation and the HF export.
+
+- ``held_out``: distributed over the training engines: student and teacher NLL on held-out
+  responses, forward KL(teacher || student), and alignment (OR@k, CR@k, top-1 agreement).
+- ``generation_metrics``: one process, a plain HF model: greedy answers to held-out prompts,
+  exact match and ROUGE-L against the references.
+- ``export_hf``: the student gathered from its ZeRO-3 shards into an HF directory (atomic).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import kd
+from kd.reduce import all_reduce_dict
+from . import data
+
+
+@torch.no_grad()
+def held_out(student, teacher, loader, cfg) -> dict:
+    """Token-weighted means over the whole held-out set (every rank takes its shard)."""
+    student.engine.eval()
+    totals: dict[str, torch.Tensor] = {}
+
+    def add(name, value, n):
+        for key, v in ((name, value * n), (name + "/n", n)):
+            totals[key] = totals.get(key, torch.zeros((), dtype=torch.float64)) + v
+
+    head = dict(chunk_size=cfg.loss.chunk_size)
+    for batch in loader:
+        labels = data.shift_labels(batch["labels"]).flatten()
+        s_h = student.forward_hidden(batch).flatten(0, 1)
+        t_h = teacher.forward_hidden(batch).flatten(0, 1) if teacher else None
+        with student.gathered_head() as w_s:
+            _, st = kd.fused_distill_loss(s_h, w_s, None, None, labels, method="sft",
+                                          student_softcap=student.softcap, **head)
+            add("eval_student_nll", st["ce"], st["tokens"])
+            if teacher is None:
+                continue
+            with teacher.gathered_head() as w_t:
+                _, st = kd.fused_distill_loss(t_h, w_t, None, None, labels, method="sft",
+                                              student_softcap=teacher.softcap, **head)
+                add("eval_teacher_nll", st["ce"], st["tokens"])
+                _, st = kd.fused_distill_loss(s_h, w_s, t_h, w_t, labels, method="forward_kl",
+                                              metrics_k=cfg.loss.metrics_k, vocab_size=cfg.model.vocab_size,
+                                              student_softcap=student.softcap, teacher_softcap=teacher.softcap,
+                                              **head)
+                for k, v in st.items():
+                    if k not in ("tokens", "loss"):
+                        add(f"eval_{k}", v, st["tokens"])
+    student.engine.train()
+    totals = all_reduce_dict(totals, dist.group.WORLD if dist.is_initialized() else None)
+    return {k: float(v) / max(float(totals[k + "/n"]), 1.0) for k, v in totals.items() if not k.endswith("/n")}
+
+
+def save_hf_meta(model, tokenizer, out_dir: Path) -> None:
+    """config.json, generation_config.json and the tokenizer beside the checkpoints, so that
+    ``kd-convert zero-to-hf`` can turn any checkpoint into a complete HF directory."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(out_dir)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(out_dir)
+    tokenizer.save(out_dir)
+
+
+def export_hf(student, tokenizer, out_dir: Path) -> None:
+    """Collective. Rank 0 writes safetensors + config + tokenizer to a temp dir, then renames it."""
+    engine = student.engine
+    state = engine._zero3_consolidated_16bit_state_dict() if student.zero3 else engine.module.state_dict()
+    if dist.is_initialized() and dist.get_rank() != 0:
+        dist.barrier()
+        return
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    engine.module.save_pretrained(tmp, state_dict={k: v.cpu() for k, v in state.items()})
+    tokenizer.save(tmp)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+@torch.no_grad()
+def greedy_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 32) -> list[str]:
+    """Greedy continuations of tokenized prompts (left-padded batches), cut at EOS."""
+    model.eval()
+    answers = []
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i:i + batch_size]
+        L = max(map(len, chunk))
+        ids = torch.tensor([[tokenizer.pad_id] * (L - len(p)) + p for p in chunk])
+        mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in chunk])
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=tokenizer.pad_id, eos_token_id=tokenizer.eos_id)
+        for row in out[:, L:].tolist():
+            row = row[: row.index(tokenizer.eos_id)] if tokenizer.eos_id in row else row
+            answers.append(tokenizer.decode(row))
+    return answers
+
+
+def rouge_l(pred: str, ref: str) -> float:
+    """ROUGE-L F1 over whitespace tokens (longest common subsequence)."""
+    a, b = pred.split(), ref.split()
+    if not a or not b:
+        return float(a == b)
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    lcs = prev[-1]
+    if lcs == 0:
+        return 0.0
+    p, r = lcs / len(a), lcs / len(b)
+    return 2 * p * r / (p + r)

@@ -1,0 +1,132 @@
+"""What a run writes for people and scripts (rank 0 only): metrics.jsonl, TensorBoard events, a
+progress bar on a terminal (plain lines otherwise), and report.md with loss-curve plots."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+
+class RunLogger:
+    def __init__(self, run_dir: Path, cfg, enabled: bool, resumed_at: int | None = None):
+        self.enabled, self.cfg, self.run_dir = enabled, cfg, Path(run_dir)
+        self.start = time.time()
+        self.evals: list[dict] = []
+        if not enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self._truncate_after(resumed_at)
+        self.metrics = open(self.metrics_path, "a")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=resumed_at)
+        except ImportError:
+            self.tb = None
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=cfg.train.steps, initial=resumed_at or 0, desc=cfg.run_name,
+                            dynamic_ncols=True)
+
+    def _truncate_after(self, step: int | None) -> None:
+        """On resume, drop records of steps the resumed run will redo (they were never saved)."""
+        if step is None or not self.metrics_path.exists():
+            return
+        keep = [line for line in self.metrics_path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        self.metrics_path.write_text("".join(line + "\n" for line in keep))
+
+    def _write(self, record: dict) -> None:
+        self.metrics.write(json.dumps(record) + "\n")
+        self.metrics.flush()
+        if self.tb:
+            for k, v in record.items():
+                if k not in ("step", "kind") and isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(f"{record.get('kind', 'train')}/{k}", v, record["step"])
+
+    def step(self, step: int, stats: dict) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in stats.items()}}
+        self._write(record)
+        if self.bar:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix(loss=f"{stats['loss']:.4f}", tok_s=f"{stats['tokens_per_s']:.0f}")
+        elif step % self.cfg.train.log_every == 0 or step == self.cfg.train.steps:
+            elapsed = time.time() - self.start
+            self.info(f"step {step}/{self.cfg.train.steps} loss {stats['loss']:.4f} "
+                      f"lr {stats['lr']:.2e} tokens/s {stats['tokens_per_s']:.0f} ({elapsed:.0f}s)")
+
+    def eval(self, step: int, results: dict) -> None:
+        if not self.enabled:
+            return
+        self.evals.append({"step": step, **results})
+        self._write({"step": step, "kind": "eval", **results})
+        self.info(f"eval at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()
+                                                        if isinstance(v, float)))
+
+    def info(self, msg: str) -> None:
+        if self.enabled:
+            (self.bar.write if self.bar else print)(f"[kd-train] {msg}", **({} if self.bar else {"flush": True}))
+
+    def warn(self, msg: str) -> None:
+        self.info(f"WARNING: {msg}")
+
+    def close(self, final: dict | None = None) -> None:
+        if not self.enabled:
+            return
+        if self.bar:
+            self.bar.close()
+        if self.tb:
+            self.tb.close()
+        self.metrics.close()
+        if final is not None:
+            write_report(self.run_dir, self.cfg, final)
+
+
+def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [r for r in rows if r.get("kind") != "eval"], [r for r in rows if r.get("kind") == "eval"]
+
+
+def plot_curves(runs: dict[str, Path], key: str, out: Path, title: str) -> bool:
+    """One PNG with ``key`` against step for each run; False when matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, run_dir in runs.items():
+        train, _ = read_metrics(run_dir)
+        pts = [(r["step"], r[key]) for r in train if key in r]
+        if pts:
+            ax.plot(*zip(*pts), label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel(key)
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_report(run_dir: Path, cfg, final: dict) -> None:
+    plots = [k for k in ("loss", "soft_target", "group_relative", "ce") if _has_key(run_dir, k)]
+    lines = [f"# {cfg.run_name}", "", f"method `{cfg.loss.method}`, {cfg.train.steps} steps, "
+             f"student `{cfg.model.student}`, teacher `{cfg.model.teacher}`", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in final.items()]
+    for key in plots:
+        if plot_curves({cfg.run_name: run_dir}, key, run_dir / f"{key}.png", key):
+            lines += ["", f"![{key}]({key}.png)"]
+    (run_dir / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def _has_key(run_dir: Path, key: str) -> bool:
+    train, _ = read_metrics(run_dir)
+    return any(key in r for r in train)
