@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m train.demo
+	$(BIN)/python -m train
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

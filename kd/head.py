@@ -84,7 +84,12 @@ def fused_distill_loss(student_hidden: Tensor, student_weight: Tensor,
     grad_w_full = torch.zeros_like(student_weight) if need_w else None
     grad_w = grad_w_full[: W_s.shape[0]] if need_w else None
     total = torch.zeros((), dtype=cdt, device=hs_all.device)
-    sums: dict[str, Tensor] = {}
+    # Every key from the start: a rank without counted tokens must join the same reduction.
+    names = [t.name for t in obj.terms] + (["ce"] if obj.ce_weight else [])
+    if metrics_k and obj.needs_teacher:
+        k = min(metrics_k, W_s.shape[0])
+        names += [f"overlap@{k}", f"consistency@{k}", "top1_agreement", "tokens"]
+    sums: dict[str, Tensor] = {name: torch.zeros((), dtype=torch.float64, device=hs_all.device) for name in names}
 
     for start in range(0, rows.numel(), chunk_size):
         idx = rows[start:start + chunk_size]
@@ -102,10 +107,10 @@ def fused_distill_loss(student_hidden: Tensor, student_weight: Tensor,
         total += chunk_sum.detach()
         for name, v in per.items():
             if name != "loss":
-                sums[name] = sums.get(name, 0) + v.sum()
+                sums[name] += v.sum()
         if metrics_k and a is not None:
             for name, v in metrics.alignment_sums(z, a, k=metrics_k).items():
-                sums[name] = sums.get(name, 0) + v
+                sums[name] += v
         if need_h:
             grad_h.index_copy_(0, idx, gx @ W_s.detach())
         if need_w:

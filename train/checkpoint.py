@@ -51,13 +51,22 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _step_of(tag: str) -> int:
+    return int(tag.split("_")[-1])
 
 
 def complete_tags(ckpt_dir: Path) -> list[str]:
@@ -71,8 +80,10 @@ def save(engine, ckpt_dir: Path, step: int, trainer_state: dict, rank_state: dic
     """Collective: every rank calls it. Returns the tag written."""
     tag = tag_for(step)
     tag_dir = ckpt_dir / tag
-    if _rank() == 0 and tag_dir.exists() and not (tag_dir / COMPLETE).exists():
-        shutil.rmtree(tag_dir)      # a save of this step that was interrupted earlier
+    if _rank() == 0 and tag_dir.exists():
+        # an interrupted save of this step, or one from an abandoned longer run: never mix files
+        (tag_dir / COMPLETE).unlink(missing_ok=True)
+        shutil.rmtree(tag_dir)
     _barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"trainer": trainer_state}, save_latest=False)
     buf = _serialize({**rank_state, "rng": rng_state()})
@@ -83,9 +94,11 @@ def save(engine, ckpt_dir: Path, step: int, trainer_state: dict, rank_state: dic
     if _rank() == 0:
         _write_atomic(tag_dir / COMPLETE, b"")
         _write_atomic(ckpt_dir / "latest", tag.encode())
-        for old in complete_tags(ckpt_dir)[:-keep] if keep > 0 else []:
-            if old != tag:
-                shutil.rmtree(ckpt_dir / old, ignore_errors=True)
+        tags = complete_tags(ckpt_dir)
+        stale = [t for t in tags if _step_of(t) > step]          # a future this run abandoned
+        older = [t for t in tags if _step_of(t) <= step]
+        for old in stale + older[:-keep]:
+            shutil.rmtree(ckpt_dir / old, ignore_errors=True)
     _barrier()
     return tag
 
@@ -124,9 +137,12 @@ def find(resume: str, ckpt_dir: Path) -> tuple[Path, str] | None:
 def load(engine, ckpt_dir: Path, tag: str) -> tuple[dict, dict]:
     """Restore the engine in place; returns (trainer_state, this rank's state) and restores RNG."""
     rank_file = ckpt_dir / tag / f"trainer_state_rank{_rank()}.pt"
-    if not rank_file.is_file():
-        raise CheckpointError(f"{rank_file} is missing: the checkpoint was written by a run with a "
-                              "different number of ranks; resume with the same parallel.nproc")
+    missing = torch.tensor(float(not rank_file.is_file()), device=engine.device)
+    if dist.is_initialized():
+        dist.all_reduce(missing)    # every rank raises together, rank 0 included (it prints)
+    if missing.item():
+        raise CheckpointError(f"{ckpt_dir / tag} has no trainer state for some ranks: it was written by a "
+                              "run with a different number of ranks; resume with the same parallel.nproc")
     _, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
                                        load_lr_scheduler_states=True)
     if client is None:

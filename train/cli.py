@@ -55,15 +55,15 @@ def fail(err: BaseException) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     argv = [a for a in argv if not a.startswith("--local_rank")]   # the deepspeed launcher adds it
-    if not argv or argv[0] in ("-h", "--help"):
-        if argv:
-            print(__doc__)
-            return 0
-        from . import demo
-        return demo.main()
-    recipe, overrides = argv[0], argv[1:]
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
     from .config import load_config
     try:
+        if not argv:
+            from . import demo
+            return demo.main()
+        recipe, overrides = argv[0], argv[1:]
         cfg = load_config(recipe, overrides)
         if not launched():
             from . import demo

@@ -165,3 +165,7 @@ def main() -> int:
         log(f"{name:14s} exact match {r['exact_match']:.3f}  ROUGE-L {r['rouge_l']:.3f}  NLL {r['nll']:.4f}")
     log(f"report: {report}  |  GRKD student (HF format): {out / 'student-hf'}  |  {time.time() - t0:.0f}s in all")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

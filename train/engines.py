@@ -62,9 +62,12 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float
 
 
 def _param_groups(model, weight_decay: float):
-    """No weight decay on norms and biases (1-D tensors)."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    """No weight decay on norms and biases (1-D tensors). Under ZeRO-3 every local tensor is a
+    1-D shard: the full shape is ``ds_shape``."""
+    def matrix(p):
+        return len(getattr(p, "ds_shape", p.shape)) >= 2
+    decay = [p for p in model.parameters() if p.requires_grad and matrix(p)]
+    no_decay = [p for p in model.parameters() if p.requires_grad and not matrix(p)]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

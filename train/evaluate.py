@@ -26,12 +26,15 @@ def held_out(student, teacher, loader, cfg) -> dict:
     student.engine.eval()
     totals: dict[str, torch.Tensor] = {}
 
+    zero = torch.zeros((), dtype=torch.float64, device=student.engine.device)
+
     def add(name, value, n):
         for key, v in ((name, value * n), (name + "/n", n)):
-            totals[key] = totals.get(key, torch.zeros((), dtype=torch.float64)) + v
+            totals[key] = totals.get(key, zero) + v
 
     head = dict(chunk_size=cfg.loss.chunk_size)
     for batch in loader:
+        batch = data.to_device(batch, student.engine.device)
         labels = data.shift_labels(batch["labels"]).flatten()
         s_h = student.forward_hidden(batch).flatten(0, 1)
         t_h = teacher.forward_hidden(batch).flatten(0, 1) if teacher else None

@@ -7,6 +7,7 @@ engine steps. Everything else here is bookkeeping.
 """
 from __future__ import annotations
 
+import contextlib
 import signal
 import time
 from pathlib import Path
@@ -29,8 +30,8 @@ class TrainingError(RuntimeError):
 class StopFlag:
     """SIGTERM/SIGINT: finish the current step, save, exit cleanly."""
 
-    def __init__(self):
-        self.requested = False
+    def __init__(self, device):
+        self.requested, self.device = False, device
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
 
@@ -39,66 +40,64 @@ class StopFlag:
 
     def agreed(self) -> bool:
         """True on every rank if any rank was signalled (ranks must stop at the same step)."""
-        flag = torch.tensor(float(self.requested))
+        flag = torch.tensor(float(self.requested), device=self.device)
         if dist.is_initialized():
             dist.all_reduce(flag)
         return bool(flag.item())
 
 
+def _global_sum(values: list[float], device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
 def train_step(student, teacher, loader, cfg: Config, progress: float) -> dict | None:
-    """One optimizer step over ``grad_accum`` micro-batches; None if every micro-batch was bad."""
-    loss_cfg = {"method": cfg.loss.method, "temperature": cfg.loss.temperature,
-                "ce_weight": cfg.loss.ce_weight, "chunk_size": cfg.loss.chunk_size,
-                "metrics_k": cfg.loss.metrics_k, "vocab_size": cfg.model.vocab_size, **cfg.loss.params}
-    totals, good = {}, 0
-    for _ in range(cfg.train.grad_accum):
-        batch = next(loader)
-        if cfg.data.pack:
-            # transformers keeps packed examples apart only from position_ids with no mask
-            batch = {k: v for k, v in batch.items() if k != "attention_mask"}
-        labels = data.shift_labels(batch["labels"]).flatten()
+    """One optimizer step over ``grad_accum`` micro-batches; None if every micro-batch was bad.
+
+    The loss is the token mean over the whole global batch: each micro-batch's loss (a mean over
+    its own tokens on every rank) is reweighted by its share of the step's counted tokens.
+    """
+    loss_cfg = dict(method=cfg.loss.method, chunk_size=cfg.loss.chunk_size, metrics_k=cfg.loss.metrics_k,
+                    vocab_size=cfg.model.vocab_size, **cfg.loss.objective_kwargs())
+    engine, gas, device = student.engine, cfg.train.grad_accum, student.engine.device
+    batches = [data.to_device(next(loader), device, packed=cfg.data.pack) for _ in range(gas)]
+    labels = [data.shift_labels(b["labels"]).flatten() for b in batches]
+    counts = _global_sum([float((lab != -100).sum()) for lab in labels], device)
+    tokens_in = sum(_global_sum([float(b["input_ids"].numel() if cfg.data.pack else b["attention_mask"].sum())
+                                 for b in batches], device))
+    totals, good_tokens, bad = {}, 0.0, 0
+    for batch, lab, count in zip(batches, labels, counts):
         t_hidden = None
         if teacher is not None:
             with torch.no_grad():
                 t_hidden = teacher.forward_hidden(batch).flatten(0, 1)
         s_hidden = student.forward_hidden(batch).flatten(0, 1)
         with student.gathered_head() as w_s, \
-                (teacher.gathered_head() if teacher else _none()) as w_t:
+                (teacher.gathered_head() if teacher else contextlib.nullcontext()) as w_t:
             loss, stats = kd.fused_distill_loss(
-                s_hidden, w_s, t_hidden, w_t, labels, progress=progress, group=dist.group.WORLD,
+                s_hidden, w_s, t_hidden, w_t, lab, progress=progress, group=dist.group.WORLD,
                 student_softcap=student.softcap, teacher_softcap=teacher.softcap if teacher else None,
                 **loss_cfg)
             finite = bool(torch.isfinite(loss))      # the same on every rank: the loss is all-reduced
             if finite:
-                student.engine.backward(loss)
-        boundary = student.engine.is_gradient_accumulation_boundary()
-        if finite or not boundary or good:
-            student.engine.step()
+                # DeepSpeed divides by gas; undo that and weight by this micro-batch's token share
+                engine.backward(loss * (gas * count / max(sum(counts), 1.0)))
+        bad += not finite
         if finite:
-            good += 1
+            good_tokens += count
             for k, v in stats.items():
-                totals[k] = totals.get(k, 0.0) + v
-        totals["tokens_in"] = totals.get("tokens_in", 0) + _global_tokens(batch)
-    if not good:
+                totals[k] = totals.get(k, 0.0) + v * count
+        if finite or good_tokens or not engine.is_gradient_accumulation_boundary():
+            engine.step()
+        else:
+            engine.micro_steps += 1   # nothing to apply: keep the accumulation boundary in phase
+    if not good_tokens:
         return None
-    out = {k: v / good for k, v in totals.items() if k not in ("tokens", "tokens_in")}
-    out.update(tokens=totals["tokens"], tokens_in=totals["tokens_in"], bad_micro_batches=cfg.train.grad_accum - good)
+    out = {k: v / good_tokens for k, v in totals.items() if k != "tokens"}
+    out.update(tokens=int(good_tokens), tokens_in=int(tokens_in), bad_micro_batches=bad)
     return out
-
-
-def _global_tokens(batch) -> int:
-    n = torch.tensor(float(batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].numel()))
-    if dist.is_initialized():
-        dist.all_reduce(n)
-    return int(n)
-
-
-class _none:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def run(cfg: Config) -> dict:
@@ -109,7 +108,6 @@ def run(cfg: Config) -> dict:
         torch.cuda.set_device(rank % torch.cuda.device_count())
     torch.manual_seed(cfg.train.seed)
     run_dir, ckpt_dir = cfg.run_dir, cfg.run_dir / "checkpoints"
-    stop = StopFlag()
 
     tokenizer = load_tokenizer(cfg.data.tokenizer or cfg.model.student)
     train_set = data.TokenizedDataset(cfg.data.train, tokenizer, cfg.data.max_len)
@@ -127,12 +125,13 @@ def run(cfg: Config) -> dict:
     teacher = engines.build_teacher(cfg, ds_config(cfg, "teacher", world)) \
         if cfg.loss.method != "sft" else None
 
+    stop = StopFlag(student.engine.device)
     state = {"step": 0, "bad_steps": 0, "tokens_seen": 0}
     found = checkpoint.find(cfg.resume, ckpt_dir)
     if found:
         state, rank_state = checkpoint.load(student.engine, *found)
         loader.load_state_dict(rank_state["loader"])
-    log = RunLogger(run_dir, cfg, enabled=rank == 0, resumed_at=state["step"] if found else None)
+    log = RunLogger(run_dir, cfg, enabled=rank == 0, resumed_at=state["step"])
     if rank == 0:
         dump_yaml(cfg, run_dir / "config.yaml")
         evaluate.save_hf_meta(student.module, tokenizer, ckpt_dir / "hf_meta")
@@ -159,14 +158,14 @@ def run(cfg: Config) -> dict:
                     f"{state['bad_steps']} steps had a NaN/inf loss (limit train.max_bad_steps="
                     f"{cfg.train.max_bad_steps}). The newest good checkpoint is kept in {ckpt_dir}. Lower "
                     "train.lr, check the data for empty or corrupt records, or raise train.max_bad_steps.")
-            continue
-        state["tokens_seen"] += stats["tokens_in"]
-        stats.update(lr=student.engine.get_lr()[0], tokens_per_s=stats["tokens_in"] / (time.perf_counter() - t0))
-        log.step(state["step"], stats)
-        if eval_loader and cfg.train.eval_every and state["step"] % cfg.train.eval_every == 0:
+        else:
+            state["tokens_seen"] += stats["tokens_in"]
+            stats.update(lr=engine_lr(student), tokens_per_s=stats["tokens_in"] / (time.perf_counter() - t0))
+            log.step(state["step"], stats)
+        stopping = stop.agreed()     # before eval: the launcher SIGKILLs 30 s after its SIGTERM
+        if eval_loader and not stopping and cfg.train.eval_every and state["step"] % cfg.train.eval_every == 0:
             final = evaluate.held_out(student, teacher, eval_loader(), cfg)
             log.eval(state["step"], final)
-        stopping = stop.agreed()
         if stopping or (cfg.train.save_every and state["step"] % cfg.train.save_every == 0):
             save()
             last_saved = state["step"]
@@ -183,6 +182,10 @@ def run(cfg: Config) -> dict:
     evaluate.export_hf(student, tokenizer, run_dir / "student-hf")
     log.close(final)
     return final if rank == 0 else {}
+
+
+def engine_lr(student) -> float:
+    return student.engine.get_lr()[0]
 
 
 def check_teacher_tokenizer(cfg: Config, tokenizer) -> None:

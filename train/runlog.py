@@ -22,7 +22,7 @@ class RunLogger:
         self.metrics = open(self.metrics_path, "a")
         try:
             from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=resumed_at)
+            self.tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=(resumed_at or 0) + 1)
         except ImportError:
             self.tb = None
         self.bar = None
@@ -32,8 +32,8 @@ class RunLogger:
                             dynamic_ncols=True)
 
     def _truncate_after(self, step: int | None) -> None:
-        """On resume, drop records of steps the resumed run will redo (they were never saved)."""
-        if step is None or not self.metrics_path.exists():
+        """Drop records of steps this run will redo: after the resumed step, or all of a fresh run's."""
+        if not self.metrics_path.exists():
             return
         keep = [line for line in self.metrics_path.read_text().splitlines()
                 if line.strip() and json.loads(line).get("step", 0) <= step]

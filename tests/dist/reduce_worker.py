@@ -78,6 +78,16 @@ for split in ("dp", "sp"):
             "grad_w_maxdiff": (gw - ref_gw).abs().max().item(),
             "stats_maxdiff": max(abs(stats[k] - ref_stats[k]) for k in ref_stats),
         }
+# a rank without a single counted token still joins every reduction (stats included)
+h, w = hs.clone().requires_grad_(), ws.clone().requires_grad_()
+lab_empty = labels.clone()
+if rank == 1:
+    lab_empty[:] = -100
+loss, stats = kd.fused_distill_loss(h.reshape(-1, H), w, ht.reshape(-1, H), wt, lab_empty.reshape(-1), chunk_size=4,
+                                    group=dist.group.WORLD, **cfg)
+ref, ref_st = kd.fused_distill_loss(hs.reshape(-1, H), ws, ht.reshape(-1, H), wt, labels.reshape(-1), chunk_size=4, **cfg)
+result["one_rank_empty"] = {"loss": loss.item(), "ref": ref.item(), "tokens": stats["tokens"], "ref_tokens": ref_st["tokens"]}
+
 z_full = (hs @ ws.T).reshape(-1, V)
 result["materialised"] = materialised_sharded()
 result["materialised_ref"] = kd.distill_loss(z_full, (ht @ wt.T).reshape(-1, V), labels.reshape(-1),

@@ -20,3 +20,6 @@ def test_sharded_loss_and_gradients_equal_one_process(tmp_path):
             assert res["grad_h_maxdiff"] < 1e-12 and res["grad_w_maxdiff"] < 1e-12, (split, averaged, res)
             assert res["stats_maxdiff"] < 1e-12, res
     assert r["materialised"] == pytest.approx(r["materialised_ref"], rel=1e-12)
+    empty = r["one_rank_empty"]
+    assert empty["loss"] == pytest.approx(empty["ref"], rel=1e-12)
+    assert empty["tokens"] == empty["ref_tokens"]
