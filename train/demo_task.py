@@ -8,12 +8,12 @@ attention over the prompt, not a fixed output):
 skill                 prompt                                       response
 ====================  ===========================================  ==============
 reverse               ``Reverse: d a c b\\nAnswer:``                 ``b c a d``
-sort                  ``Sort: 42 7 19\\nAnswer:``                    ``7 19 42``
-add                   ``Add: 47 + 385\\nAnswer:``                    ``432``
+sort                  ``Sort: 4 7 1\\nAnswer:``                      ``1 4 7``
+add                   ``Add: 47 + 38\\nAnswer:``                     ``85``
 sequence              ``Next: 3 7 11 15\\nAnswer:``                  ``19``
-shift                 ``Shift: a c z\\nAnswer:``                     ``b d a``
+shift                 ``Shift: a c h\\nAnswer:``                     ``b d i``
 count                 ``Count x: x y x w x\\nAnswer:``               ``3``
-lookup                ``a=3 k=7 c=1 q=4. What is k?\\nAnswer:``      ``7``
+lookup                ``a=3 g=7 c=1. What is g?\\nAnswer:``          ``7``
 ====================  ===========================================  ==============
 
 The train/eval split is decided by a hash of the prompt, not by the seed, so an eval prompt can never appear
@@ -30,36 +30,37 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 LETTERS = string.ascii_lowercase
+SMALL = LETTERS[:8]   # a-h: copy skills over a small alphabet stay learnable in a few CPU minutes
 EVAL_BUCKETS = 5  # one prompt in EVAL_BUCKETS hashes to the eval side
 
 
-def _letters(rng: random.Random, lo: int, hi: int) -> list[str]:
-    return [rng.choice(LETTERS) for _ in range(rng.randint(lo, hi))]
+def _letters(rng: random.Random, lo: int, hi: int, alphabet: str = SMALL) -> list[str]:
+    return [rng.choice(alphabet) for _ in range(rng.randint(lo, hi))]
 
 
 def _reverse(rng: random.Random) -> tuple[str, str]:
-    xs = _letters(rng, 3, 6)
+    xs = _letters(rng, 2, 4)
     return f"Reverse: {' '.join(xs)}\nAnswer:", " ".join(reversed(xs))
 
 
 def _sort(rng: random.Random) -> tuple[str, str]:
-    xs = [rng.randint(0, 99) for _ in range(rng.randint(3, 5))]
+    xs = [rng.randint(0, 9) for _ in range(rng.randint(3, 4))]
     return f"Sort: {' '.join(map(str, xs))}\nAnswer:", " ".join(map(str, sorted(xs)))
 
 
 def _add(rng: random.Random) -> tuple[str, str]:
-    a, b = rng.randint(10, 999), rng.randint(10, 999)
+    a, b = rng.randint(0, 49), rng.randint(0, 49)
     return f"Add: {a} + {b}\nAnswer:", str(a + b)
 
 
 def _sequence(rng: random.Random) -> tuple[str, str]:
-    start, step = rng.randint(0, 99), rng.randint(1, 19)
+    start, step = rng.randint(0, 99), rng.randint(1, 9)
     terms = [start + k * step for k in range(4)]
     return f"Next: {' '.join(map(str, terms))}\nAnswer:", str(start + 4 * step)
 
 
 def _shift(rng: random.Random) -> tuple[str, str]:
-    xs = _letters(rng, 3, 5)
+    xs = _letters(rng, 2, 4)
     shifted = [LETTERS[(LETTERS.index(x) + 1) % 26] for x in xs]
     return f"Shift: {' '.join(xs)}\nAnswer:", " ".join(shifted)
 
@@ -71,7 +72,7 @@ def _count(rng: random.Random) -> tuple[str, str]:
 
 
 def _lookup(rng: random.Random) -> tuple[str, str]:
-    keys = rng.sample(LETTERS, 4)
+    keys = rng.sample(SMALL, 3)
     values = {k: rng.randint(0, 9) for k in keys}
     query = rng.choice(keys)
     pairs = " ".join(f"{k}={v}" for k, v in values.items())
