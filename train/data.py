@@ -693,7 +693,7 @@ def make_loader(dataset: Dataset, batch_size: int, rank: int = 0, world_size: in
         dataset = PackedDataset(dataset, dataset.max_len)
     if pad_id is None:
         pad_id = getattr(dataset, "pad_id", 0)
-    need = world_size * batch_size
+    need = world_size * batch_size if drop_last else world_size   # eval sets are topped up instead
     if len(dataset) < need:
         unit = "packed sequences" if isinstance(dataset, PackedDataset) else "examples"
         raise DataError(f"the dataset has {len(dataset)} {unit} but world_size={world_size} x batch_size={batch_size} "

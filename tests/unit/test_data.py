@@ -433,3 +433,11 @@ def test_uneven_eval_counts_every_example_once(tok):
 def test_iter_records_locations(tmp_path):
     path = _write_jsonl(tmp_path / "d.jsonl", [RECORDS["gsm8k"]] * 2)
     assert [where for where, _ in iter_records(path)] == [f"{path} line 1", f"{path} line 2"]
+
+
+def test_small_eval_set_smaller_than_one_global_batch(tok):
+    ds = _demo_dataset(tok, n=3)
+    per_rank = [list(make_loader(ds, batch_size=16, rank=r, world_size=2, drop_last=False)) for r in range(2)]
+    assert [len(b) for b in per_rank] == [1, 1]        # equal batch counts: ZeRO-3 ranks stay in step
+    counted = sum(int((b["labels"] != IGNORE_INDEX).any(-1).sum()) for bs in per_rank for b in bs)
+    assert counted == 3
