@@ -8,7 +8,9 @@ torchrun) it just runs.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -42,7 +44,20 @@ def launch(recipe: str, overrides: list[str], nproc: int) -> int:
     deepspeed = Path(sys.executable).with_name("deepspeed")
     cmd = [str(deepspeed) if deepspeed.exists() else "deepspeed", "--num_gpus", str(nproc),
            "--master_port", str(_free_port()), "--module", "train", recipe, *overrides]
-    return subprocess.run(cmd, env=env).returncode
+    proc = subprocess.Popen(cmd, env=env)
+
+    def forward(signum, _frame):
+        # To the ranks themselves: they finish the step, save and exit 0, and the launchers, left
+        # running, see clean exits (the deepspeed runner would die without passing it on).
+        import psutil
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                if any(a.startswith("--local_rank") for a in child.cmdline()):
+                    child.send_signal(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, forward)
+    return proc.wait()
 
 
 def fail(err: BaseException) -> int:

@@ -108,3 +108,28 @@ def test_config_typo_fails_before_launch_with_a_suggestion(kd_setup):
     proc = kd_train(kd_setup / "recipe.yaml", "train.stpes=3", check=False, timeout=60)
     assert proc.returncode == 2
     assert "train.steps" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_sigterm_saves_and_resume_finishes_the_run(kd_setup):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from .conftest import REPO
+    run = kd_setup / "runs" / "sigterm"
+    proc = subprocess.Popen([sys.executable, "-m", "train", str(kd_setup / "recipe.yaml"), "run_name=sigterm",
+                             "train.steps=400"], cwd=REPO, env={**os.environ, "DS_ACCELERATOR": "cpu"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((run / "metrics.jsonl").exists() and metrics(run)):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert "stop requested" in out, out[-3000:]
+    saved = int((run / "checkpoints" / "latest").read_text().split("_")[-1])
+    assert 0 < saved < 400 and [r["step"] for r in metrics(run)] == list(range(1, saved + 1))
+    kd_train(kd_setup / "recipe.yaml", "run_name=sigterm", f"train.steps={saved + 2}", "resume=auto",
+             "data.eval=null")
+    assert [r["step"] for r in metrics(run)] == list(range(1, saved + 3))
