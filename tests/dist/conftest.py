@@ -45,6 +45,13 @@ def kd_setup(tmp_path_factory):
     s_cfg = tiny_llama(32, 2, tok.vocab_size)
     s_cfg.pop("model_type")
     LlamaForCausalLM(LlamaConfig(**s_cfg)).save_pretrained(root / "student-init")   # fixed initial weights
+    # Gemma-2: tied embeddings, final-logit softcap (small, so that it bites), sliding window
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+    Gemma2ForCausalLM(Gemma2Config(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=8, vocab_size=tok.vocab_size, final_logit_softcapping=3.0, attn_logit_softcapping=50.0,
+        query_pre_attn_scalar=8, sliding_window=16, max_position_embeddings=128, tie_word_embeddings=True,
+    )).save_pretrained(root / "gemma2-init")
     recipe = {
         "run_name": "t", "output_dir": str(root / "runs"),
         "model": {"student": str(root / "student.json"), "teacher": str(root / "teacher"), "dtype": "fp32"},
