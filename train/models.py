@@ -25,9 +25,9 @@ PRESETS = {
 
 
 def resolve_dtype(name: str) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+    """The torch dtype of ``model.dtype``; one rule with the DeepSpeed precision (config.resolve_dtype)."""
+    from .config import resolve_dtype as resolve_name
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[resolve_name(name)]
 
 
 def resolve_attention(name: str, config) -> str:
