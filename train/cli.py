@@ -60,6 +60,21 @@ def launch(recipe: str, overrides: list[str], nproc: int) -> int:
     return proc.wait()
 
 
+def preflight(cfg) -> None:
+    """Missing inputs fail here, in a second, rather than after the ranks have started."""
+    from .models import PRESETS
+    paths = {"data.train": cfg.data.train, "data.eval": cfg.data.eval, "data.tokenizer": cfg.data.tokenizer,
+             "model.student_init": cfg.model.student_init}
+    paths.update({f"model.{k}": v for k, v in (("student", cfg.model.student), ("teacher", cfg.model.teacher))
+                  if v not in PRESETS})
+    if cfg.loss.method == "sft":
+        paths.pop("model.teacher", None)
+    for key, value in paths.items():
+        if value and not Path(value).exists():
+            raise FileNotFoundError(f"{key}={value}: no such file or directory (paths are relative to "
+                                    f"{Path.cwd()}, where kd-train runs)")
+
+
 def fail(err: BaseException) -> int:
     rank = int(os.environ.get("RANK", "0"))
     if rank == 0:
@@ -83,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         if not launched():
             from . import demo
             demo.ensure_prerequisites(cfg)
+            preflight(cfg)
             return launch(recipe, overrides, cfg.parallel.nproc or default_nproc())
         from .loop import run
         run(cfg)

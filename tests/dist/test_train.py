@@ -140,3 +140,9 @@ def test_sigterm_saves_and_resume_finishes_the_run(kd_setup):
     kd_train(kd_setup / "recipe.yaml", "run_name=sigterm", f"train.steps={saved + 2}", "resume=auto",
              "data.eval=null")
     assert [r["step"] for r in metrics(run)] == list(range(1, saved + 3))
+
+
+def test_missing_input_fails_before_launch(kd_setup):
+    proc = kd_train(kd_setup / "recipe.yaml", "data.eval=/no/such/eval.jsonl", check=False, timeout=60)
+    assert proc.returncode == 2
+    assert "data.eval=/no/such/eval.jsonl: no such file" in proc.stderr and "Traceback" not in proc.stderr
