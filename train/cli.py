@@ -102,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
             return launch(recipe, overrides, cfg.parallel.nproc or default_nproc())
         from .loop import run
         run(cfg)
+        import torch.distributed as dist
+        if dist.is_initialized():   # leave with no live communicator threads (they can abort the exit)
+            dist.barrier()
+            dist.destroy_process_group()
     except Exception as e:  # user errors: one paragraph, no traceback; bugs keep theirs
         if type(e).__name__ in USER_ERRORS:
             return fail(e)

@@ -95,3 +95,6 @@ result["materialised_ref"] = kd.distill_loss(z_full, (ht @ wt.T).reshape(-1, V),
 if rank == 0:
     with open(out_path, "w") as f:
         json.dump(result, f, indent=1)
+# A clean shutdown: a rank leaving with live communicator threads can abort ("terminate called").
+dist.barrier()
+dist.destroy_process_group()

@@ -125,6 +125,7 @@ def _worker(out: Path) -> None:
         lcfg.save_pretrained(ckpt / "hf_meta")
     dist.barrier()
     del keep_alive
+    dist.destroy_process_group()   # a rank leaving with live communicator threads can abort
 
 
 if __name__ == "__main__":
