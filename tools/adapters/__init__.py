@@ -113,3 +113,20 @@ def check_model_type(config, expected: str, where) -> None:
     got = getattr(config, "model_type", None)
     if got != expected:
         raise ConvertError(f"{where} holds a '{got}' model, this command expects '{expected}' (wrong family)")
+
+
+def open_hf_source(src, family: str):
+    """An HF model directory to convert from: ``(config, reader, expected shapes)``, after checking
+    that it is one and holds the ``family`` this command converts."""
+    from pathlib import Path
+
+    from transformers import AutoConfig
+
+    from tools.io import HFReader, expected_hf_shapes
+
+    src = Path(src)
+    if not (src / "config.json").is_file():
+        raise ConvertError(f"missing {src / 'config.json'}: not an HF model directory")
+    config = AutoConfig.from_pretrained(src)
+    check_model_type(config, family, src)
+    return config, HFReader(src), expected_hf_shapes(config)

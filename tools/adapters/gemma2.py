@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from tools.adapters import Adapter, Rule, check_model_type
+from tools.adapters import Adapter, Rule, open_hf_source
 from tools.errors import ConvertError
-from tools.io import (HFReader, atomic_output_dir, expected_hf_shapes, has_module, parse_dtype, torch_load,
+from tools.io import (atomic_output_dir, has_module, parse_dtype, torch_load,
                       validate_stream)
 
 
@@ -219,16 +219,9 @@ class GemmaPytorchSource:
 
 def hf_to_gemma(src: str | Path, out: str | Path, dtype: str | None = None, overwrite: bool = False) -> dict:
     """HF Gemma2 directory -> gemma_pytorch `model.ckpt` + params.json (+ tokenizer.model)."""
-    from transformers import AutoConfig
-
     src = Path(src)
-    if not (src / "config.json").is_file():
-        raise ConvertError(f"missing {src / 'config.json'}: not an HF model directory")
-    config = AutoConfig.from_pretrained(src)
-    check_model_type(config, "gemma2", src)
+    config, reader, expected = open_hf_source(src, "gemma2")
     params = params_from_hf_config(config)
-    reader = HFReader(src)
-    expected = expected_hf_shapes(config)
     names = [n for n in reader.keys() if n != "lm_head.weight"]
     for _ in validate_stream(((n, torch.empty(reader.shape(n), device="meta"), str(reader.files[n])) for n in names),
                              expected, "gemma2"):

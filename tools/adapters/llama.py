@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from tools.adapters import Adapter, Rule, check_model_type
+from tools.adapters import Adapter, Rule, open_hf_source
 from tools.errors import ConvertError
-from tools.io import (HFReader, atomic_output_dir, expected_hf_shapes, has_module, parse_dtype, torch_load,
+from tools.io import (atomic_output_dir, has_module, parse_dtype, torch_load,
                       validate_stream)
 
 
@@ -353,16 +353,9 @@ class MetaLlamaSource:
 def hf_to_meta(src: str | Path, out: str | Path, num_shards: int = 1, dtype: str | None = None,
                overwrite: bool = False) -> dict:
     """HF Llama directory -> Meta format (`consolidated.NN.pth` x num_shards, params.json, tokenizer.model)."""
-    from transformers import AutoConfig
-
     src = Path(src)
-    if not (src / "config.json").is_file():
-        raise ConvertError(f"missing {src / 'config.json'}: not an HF model directory")
-    config = AutoConfig.from_pretrained(src)
-    check_model_type(config, "llama", src)
+    config, reader, expected = open_hf_source(src, "llama")
     params = params_from_hf_config(config)
-    reader = HFReader(src)
-    expected = expected_hf_shapes(config)
     # Validate names/shapes first (shape only: cheap), then convert in the canonical order.
     extra = [n for n in reader.keys() if n not in expected and not (config.tie_word_embeddings and n == "lm_head.weight")]
     if extra:
