@@ -160,7 +160,7 @@ def run(cfg: Config) -> dict:
                     "train.lr, check the data for empty or corrupt records, or raise train.max_bad_steps.")
         else:
             state["tokens_seen"] += stats["tokens_in"]
-            stats.update(lr=engine_lr(student), tokens_per_s=stats["tokens_in"] / (time.perf_counter() - t0))
+            stats.update(lr=student.engine.get_lr()[0], tokens_per_s=stats["tokens_in"] / (time.perf_counter() - t0))
             log.step(state["step"], stats)
         stopping = stop.agreed()     # before eval: the launcher SIGKILLs 30 s after its SIGTERM
         if eval_loader and not stopping and cfg.train.eval_every and state["step"] % cfg.train.eval_every == 0:
@@ -182,10 +182,6 @@ def run(cfg: Config) -> dict:
     evaluate.export_hf(student, tokenizer, run_dir / "student-hf")
     log.close(final)
     return final if rank == 0 else {}
-
-
-def engine_lr(student) -> float:
-    return student.engine.get_lr()[0]
 
 
 def check_teacher_tokenizer(cfg: Config, tokenizer) -> None:
