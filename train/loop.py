@@ -12,12 +12,11 @@ import signal
 import time
 from pathlib import Path
 
-import deepspeed
 import torch
 import torch.distributed as dist
 
 import kd
-from . import checkpoint, data, engines, evaluate
+from . import checkpoint, data, engines, evaluate, parallel
 from .config import Config, ds_config, dump_yaml
 from .runlog import RunLogger
 from .tokenizer import load_tokenizer, tokenizers_match
@@ -102,7 +101,7 @@ def train_step(student, teacher, loader, cfg: Config, progress: float) -> dict |
 
 def run(cfg: Config) -> dict:
     """Train according to ``cfg``; returns the final evaluation (rank 0; {} elsewhere)."""
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    parallel.init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     if torch.cuda.is_available():
         torch.cuda.set_device(rank % torch.cuda.device_count())

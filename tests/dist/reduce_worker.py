@@ -3,18 +3,18 @@ the one-process values on the whole batch. Writes its findings as JSON (rank 0).
 import argparse
 import json
 
-import deepspeed
 import torch
 import torch.distributed as dist
 
 import kd
+from train.parallel import init_distributed
 from kd.reduce import global_mean, masked_sum_count
 
 parser = argparse.ArgumentParser()
 parser.add_argument("out")
 parser.add_argument("--local_rank", type=int, default=0)   # the deepspeed launcher adds it
 out_path = parser.parse_args().out
-deepspeed.init_distributed(dist_backend="gloo")
+init_distributed()
 rank, world = dist.get_rank(), dist.get_world_size()
 
 g = torch.Generator().manual_seed(0)

@@ -14,15 +14,14 @@ Recipe (what a sequence-parallel trainer has to do):
 """
 import argparse
 import json
-import os
 
-import deepspeed
 import torch
 import torch.distributed as dist
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import kd
+from train.parallel import init_distributed
 from train.data import shift_labels
 
 parser = argparse.ArgumentParser()
@@ -30,7 +29,7 @@ parser.add_argument("out")
 parser.add_argument("--local_rank", type=int, default=0)   # the deepspeed launcher adds it
 out_path = parser.parse_args().out
 torch.set_num_threads(1)
-deepspeed.init_distributed(dist_backend="gloo")
+init_distributed()
 rank, world = dist.get_rank(), dist.get_world_size()
 SP = world
 

@@ -33,8 +33,9 @@ def _worker(out: Path) -> None:
     from transformers.integrations import HfDeepSpeedConfig
 
     from tools.testing import gemma2_config, llama_config, write_gemma_spm
+    from train.parallel import init_distributed
 
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_distributed()
     rank = dist.get_rank()
     ds_config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "steps_per_print": 10**6,
                  "zero_optimization": {"stage": 3, "sub_group_size": 3000, "stage3_param_persistence_threshold": 0},
