@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-USER_ERRORS = ("ConfigError", "DataError", "TrainingError", "CheckpointError", "FileNotFoundError")
+USER_ERRORS = ("ConfigError", "DataError", "TrainingError", "CheckpointError", "FileNotFoundError", "ParallelError")
 
 
 def launched() -> bool:
@@ -60,8 +60,9 @@ def launch(recipe: str, overrides: list[str], nproc: int) -> int:
     return proc.wait()
 
 
-def preflight(cfg) -> None:
-    """Missing inputs fail here, in a second, rather than after the ranks have started."""
+def preflight(cfg, nproc: int) -> None:
+    """Missing inputs and impossible parallel settings fail here, in a second, rather than after the
+    ranks have started."""
     from .models import PRESETS
     paths = {"data.train": cfg.data.train, "data.eval": cfg.data.eval, "data.tokenizer": cfg.data.tokenizer,
              "model.student_init": cfg.model.student_init}
@@ -73,6 +74,19 @@ def preflight(cfg) -> None:
         if value and not Path(value).exists():
             raise FileNotFoundError(f"{key}={value}: no such file or directory (paths are relative to "
                                     f"{Path.cwd()}, where kd-train runs)")
+    sp = cfg.parallel.sequence
+    if sp > 1:
+        from .models import model_config, resolve_attention
+        from .parallel import ParallelError, check_model
+        if nproc % sp:
+            raise ParallelError(f"parallel.sequence={sp} does not divide the {nproc} ranks to launch (parallel.nproc, "
+                                f"default: every GPU, or 2 on CPU); launch a multiple of {sp} ranks.")
+        models = {"student": cfg.model.student_init or cfg.model.student}
+        if cfg.loss.method != "sft":
+            models["teacher"] = cfg.model.teacher
+        for role, spec in models.items():
+            conf = model_config(spec)
+            check_model(conf, f"model.{role}={spec}", sp, resolve_attention(cfg.model.attn_implementation, conf))
 
 
 def fail(err: BaseException) -> int:
@@ -98,8 +112,9 @@ def main(argv: list[str] | None = None) -> int:
         if not launched():
             from . import demo
             demo.ensure_prerequisites(cfg)
-            preflight(cfg)
-            return launch(recipe, overrides, cfg.parallel.nproc or default_nproc())
+            nproc = cfg.parallel.nproc or default_nproc()
+            preflight(cfg, nproc)
+            return launch(recipe, overrides, nproc)
         from .loop import run
         run(cfg)
         import torch.distributed as dist

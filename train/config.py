@@ -466,6 +466,11 @@ def _cross_check(c: Config, layers: _Layers) -> None:
             f"Invalid configuration in {layers.where('parallel.nproc')}: parallel.nproc={p.nproc} is not a "
             f"multiple of parallel.sequence={p.sequence} ({layers.where('parallel.sequence')}); each "
             "sequence-parallel group needs parallel.sequence ranks.")
+    if p.sequence > 1 and c.model.attn_implementation == "eager":
+        raise ConfigError(
+            f"Invalid configuration in {layers.where('model.attn_implementation')}: model.attn_implementation=eager "
+            f"cannot run sequence-parallel (parallel.sequence={p.sequence}, {layers.where('parallel.sequence')}): "
+            "Ulysses drops the [T, T] mask eager attention needs. Use sdpa, flash_attention_2 (GPU) or auto.")
     if p.offload_optimizer and p.zero_stage == 0:
         raise ConfigError(
             f"Invalid configuration in {layers.where('parallel.offload_optimizer')}: "

@@ -676,10 +676,9 @@ class ResumableLoader:
         self._it = None
 
 
-def to_device(batch: dict[str, torch.Tensor], device, packed: bool = False) -> dict[str, torch.Tensor]:
-    """The batch on the engine's device. Packed rows drop ``attention_mask``: transformers keeps
-    packed examples apart only when it sees their restarting ``position_ids`` and no mask."""
-    return {k: v.to(device) for k, v in batch.items() if not (packed and k == "attention_mask")}
+def to_device(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+    """The batch on the engine's device (``train.parallel.shard`` then makes it what the models see)."""
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 def make_loader(dataset: Dataset, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,

@@ -16,6 +16,7 @@ import torch
 from transformers.integrations import HfDeepSpeedConfig
 
 from . import models
+from .parallel import SequenceParallel
 
 
 @dataclass
@@ -75,12 +76,13 @@ def _zero3(ds: dict) -> bool:
     return ds.get("zero_optimization", {}).get("stage", 0) == 3
 
 
-def build_student(cfg, ds: dict, vocab_size: int | None) -> Engine:
+def build_student(cfg, ds: dict, vocab_size: int | None, sp: SequenceParallel) -> Engine:
     dtype = models.resolve_dtype(cfg.model.dtype)
     # Must be alive while the model is created, so from_pretrained/from_config build ZeRO-3 shards.
     _keep = HfDeepSpeedConfig(ds) if _zero3(ds) else None  # noqa: F841
     model = models.load_causal_lm(cfg.model.student_init or cfg.model.student, dtype,
                                   cfg.model.attn_implementation, vocab_size, seed=cfg.train.seed)
+    sp.attach(model, f"model.student={cfg.model.student}")
     if cfg.model.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     t = cfg.train
@@ -92,10 +94,11 @@ def build_student(cfg, ds: dict, vocab_size: int | None) -> Engine:
     return Engine(engine, models.final_logit_softcap(model), _zero3(ds))
 
 
-def build_teacher(cfg, ds: dict) -> Engine:
+def build_teacher(cfg, ds: dict, sp: SequenceParallel) -> Engine:
     dtype = models.resolve_dtype(cfg.model.dtype)
     _keep = HfDeepSpeedConfig(ds) if _zero3(ds) else None  # noqa: F841
     model = models.load_causal_lm(cfg.model.teacher, dtype, cfg.model.attn_implementation)
+    sp.attach(model, f"model.teacher={cfg.model.teacher}")
     model.requires_grad_(False).eval()
     engine, *_ = deepspeed.initialize(model=model, config=ds)
     engine.eval()

@@ -21,7 +21,7 @@ from . import data
 
 
 @torch.no_grad()
-def held_out(student, teacher, loader, cfg) -> dict:
+def held_out(student, teacher, loader, sp, cfg) -> dict:
     """Token-weighted means over the whole held-out set (every rank takes its shard)."""
     student.engine.eval()
     totals: dict[str, torch.Tensor] = {}
@@ -34,8 +34,8 @@ def held_out(student, teacher, loader, cfg) -> dict:
 
     head = dict(chunk_size=cfg.loss.chunk_size)
     for batch in loader:
-        batch = data.to_device(batch, student.engine.device)
-        labels = data.shift_labels(batch["labels"]).flatten()
+        batch = sp.shard(data.to_device(batch, student.engine.device))
+        labels = batch["targets"].flatten()
         s_h = student.forward_hidden(batch).flatten(0, 1)
         t_h = teacher.forward_hidden(batch).flatten(0, 1) if teacher else None
         with student.gathered_head() as w_s:

@@ -52,20 +52,21 @@ def _global_sum(values: list[float], device) -> list[float]:
     return t.tolist()
 
 
-def train_step(student, teacher, loader, cfg: Config, progress: float) -> dict | None:
+def train_step(student, teacher, loader, sp: parallel.SequenceParallel, cfg: Config, progress: float) -> dict | None:
     """One optimizer step over ``grad_accum`` micro-batches; None if every micro-batch was bad.
 
     The loss is the token mean over the whole global batch: each micro-batch's loss (a mean over
-    its own tokens on every rank) is reweighted by its share of the step's counted tokens.
+    its own tokens on every rank) is reweighted by its share of the step's counted tokens. With
+    sequence parallelism every rank holds a slice of its group's sequences; the sums run over all
+    ranks, so nothing else changes.
     """
     loss_cfg = dict(method=cfg.loss.method, chunk_size=cfg.loss.chunk_size, metrics_k=cfg.loss.metrics_k,
                     vocab_size=cfg.model.vocab_size, **cfg.loss.objective_kwargs())
     engine, gas, device = student.engine, cfg.train.grad_accum, student.engine.device
-    batches = [data.to_device(next(loader), device, packed=cfg.data.pack) for _ in range(gas)]
-    labels = [data.shift_labels(b["labels"]).flatten() for b in batches]
+    batches = [sp.shard(data.to_device(next(loader), device), packed=cfg.data.pack) for _ in range(gas)]
+    labels = [b["targets"].flatten() for b in batches]
     counts = _global_sum([float((lab != -100).sum()) for lab in labels], device)
-    tokens_in = sum(_global_sum([float(b["input_ids"].numel() if cfg.data.pack else b["attention_mask"].sum())
-                                 for b in batches], device))
+    tokens_in = sum(_global_sum([float(b["n_real"]) for b in batches], device))
     totals, good_tokens, bad = {}, 0.0, 0
     for batch, lab, count in zip(batches, labels, counts):
         t_hidden = None
@@ -103,6 +104,7 @@ def run(cfg: Config) -> dict:
     """Train according to ``cfg``; returns the final evaluation (rank 0; {} elsewhere)."""
     parallel.init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
+    sp = parallel.SequenceParallel(cfg.parallel.sequence)
     if torch.cuda.is_available():
         torch.cuda.set_device(rank % torch.cuda.device_count())
     torch.manual_seed(cfg.train.seed)
@@ -110,18 +112,20 @@ def run(cfg: Config) -> dict:
 
     tokenizer = load_tokenizer(cfg.data.tokenizer or cfg.model.student)
     train_set = data.TokenizedDataset(cfg.data.train, tokenizer, cfg.data.max_len)
-    loader = data.make_loader(train_set, cfg.train.micro_batch, rank, world, cfg.train.seed,
-                              pack=cfg.data.pack, pad_id=tokenizer.pad_id)
+    # one loader per data-parallel replica: the ranks of a sequence-parallel group share batches
+    loader = data.make_loader(train_set, cfg.train.micro_batch, sp.dp_rank, sp.dp_world, cfg.train.seed,
+                              pack=cfg.data.pack, pad_id=tokenizer.pad_id, pad_to_multiple_of=sp.pad_to_multiple_of)
     eval_loader = None
     if cfg.data.eval:
         eval_set = data.TokenizedDataset(cfg.data.eval, tokenizer, cfg.data.max_len, limit=cfg.data.eval_samples)
-        eval_loader = lambda: data.make_loader(eval_set, cfg.train.micro_batch, rank, world,  # noqa: E731
-                                               pad_id=tokenizer.pad_id, drop_last=False)
+        eval_loader = lambda: data.make_loader(  # noqa: E731
+            eval_set, cfg.train.micro_batch, sp.dp_rank, sp.dp_world, pad_id=tokenizer.pad_id, drop_last=False,
+            pad_to_multiple_of=sp.pad_to_multiple_of)
 
     if cfg.model.teacher and cfg.loss.method != "sft":
         check_teacher_tokenizer(cfg, tokenizer)
-    student = engines.build_student(cfg, ds_config(cfg, "student", world), tokenizer.vocab_size)
-    teacher = engines.build_teacher(cfg, ds_config(cfg, "teacher", world)) \
+    student = engines.build_student(cfg, ds_config(cfg, "student", world), tokenizer.vocab_size, sp)
+    teacher = engines.build_teacher(cfg, ds_config(cfg, "teacher", world), sp) \
         if cfg.loss.method != "sft" else None
 
     stop = StopFlag(student.engine.device)
@@ -146,7 +150,7 @@ def run(cfg: Config) -> dict:
     final = {}
     while state["step"] < cfg.train.steps:
         t0 = time.perf_counter()
-        stats = train_step(student, teacher, loader, cfg, progress=state["step"] / cfg.train.steps)
+        stats = train_step(student, teacher, loader, sp, cfg, progress=state["step"] / cfg.train.steps)
         state["step"] += 1
         if stats is None:
             state["bad_steps"] += 1
@@ -163,7 +167,7 @@ def run(cfg: Config) -> dict:
             log.step(state["step"], stats)
         stopping = stop.agreed()     # before eval: the launcher SIGKILLs 30 s after its SIGTERM
         if eval_loader and not stopping and cfg.train.eval_every and state["step"] % cfg.train.eval_every == 0:
-            final = evaluate.held_out(student, teacher, eval_loader(), cfg)
+            final = evaluate.held_out(student, teacher, eval_loader(), sp, cfg)
             log.eval(state["step"], final)
         if stopping or (cfg.train.save_every and state["step"] % cfg.train.save_every == 0):
             save()
@@ -176,7 +180,7 @@ def run(cfg: Config) -> dict:
         save()
     evaluated_now = cfg.train.eval_every and state["step"] % cfg.train.eval_every == 0
     if eval_loader and not (final and evaluated_now):
-        final = evaluate.held_out(student, teacher, eval_loader(), cfg)
+        final = evaluate.held_out(student, teacher, eval_loader(), sp, cfg)
         log.eval(state["step"], final)
     evaluate.export_hf(student, tokenizer, run_dir / "student-hf")
     log.close(final)

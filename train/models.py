@@ -5,8 +5,8 @@ final norm) and the lm-head weight, so that ``kd.fused_distill_loss`` can chunk 
 """
 from __future__ import annotations
 
+import importlib.util
 import json
-import warnings
 from pathlib import Path
 
 import torch
@@ -31,20 +31,13 @@ def resolve_dtype(name: str) -> torch.dtype:
 
 
 def resolve_attention(name: str, config) -> str:
-    """``auto``: flash-attn 2 on a GPU where installed, else sdpa. Gemma-2's attention-logit softcap
-    is honoured by eager and flash-attn only: other choices get one clear warning."""
-    if name == "auto":
-        try:
-            import flash_attn  # noqa: F401
-            name = "flash_attention_2" if torch.cuda.is_available() else "sdpa"
-        except ImportError:
-            name = "sdpa"
-    if getattr(config, "attn_logit_softcapping", None) and name == "sdpa":
-        warnings.warn(f"{config.model_type}: attention-logit softcapping "
-                      f"({config.attn_logit_softcapping}) is not applied by sdpa attention; logits "
-                      "differ slightly from the reference model. Use model.attn_implementation=eager "
-                      "(exact, slower) or flash_attention_2 on GPU.", stacklevel=2)
-    return name
+    """``auto``: flash-attn 2 on a GPU where installed; else sdpa, or eager for models with an
+    attention-logit softcap (Gemma-2: sdpa cannot apply it, and transformers refuses sdpa there)."""
+    if name != "auto":
+        return name
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "eager" if getattr(config, "attn_logit_softcapping", None) else "sdpa"
 
 
 def model_config(spec: str, vocab_size: int | None = None, **overrides):

@@ -1,9 +1,40 @@
-"""Process groups: starting torch.distributed, and sequence parallelism (Ulysses) for both engines."""
+"""Process groups: starting torch.distributed, and sequence parallelism for both engines.
+
+Sequence parallelism (``parallel.sequence=N``, DeepSpeed Ulysses)
+    Ranks ``g*N .. g*N+N-1`` form sequence-parallel group ``g``; the ``world/N`` groups are the
+    data-parallel replicas. All ranks of a group load the same batch (the loader is sharded over
+    groups, not ranks), shift the labels on the whole sequence, then each keeps 1/N of every
+    sequence (``SequenceParallel.shard``). Inside attention, DeepSpeed's ``UlyssesSPAttentionHF``
+    all-to-alls q/k/v from "my tokens, all heads" to "all tokens, my heads", runs the core attention
+    (sdpa, or flash-attn 2 on GPU) on the whole sequence and swaps back. Everything else (MLPs,
+    norms, the fused kd head) only ever sees this rank's slice.
+
+    Why not ``UlyssesSPAttentionHF.register_with_transformers``: it builds ONE wrapper for one
+    model's head geometry and installs it for every model in the process, and a teacher with other
+    head counts or head size then fails inside it. ``attach`` installs one dispatcher per core
+    attention that keeps a DeepSpeed Ulysses module per geometry (and micro-batch size: eval
+    batches can be shorter). Ulysses drops the attention mask; for sdpa the dispatcher rebuilds
+    the global one from the gathered position ids when plain causal attention would be wrong
+    (packed rows, sliding windows). Flash-attn finds packed rows from the position ids itself.
+
+    The engines get no ``mpu``: DeepSpeed then averages gradients over all DP x SP ranks, the
+    convention of ``kd.fused_distill_loss(..., group=WORLD)`` (global token mean, backward scaled by
+    the group size), so SP=N gives the loss and gradients of SP=1 on the same global batch.
+"""
 from __future__ import annotations
 
 import deepspeed
 import torch
+import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
+
+from . import data
+
+SP_CORES = ("sdpa", "flash_attention_2", "flash_attention_3")
+
+
+class ParallelError(ValueError):
+    """A parallel setting that cannot work with this world size or these models."""
 
 
 def init_distributed() -> None:
@@ -18,3 +49,133 @@ def init_distributed() -> None:
         from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
         deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+def check_model(config, role: str, size: int, attn: str) -> None:
+    """Raise ``ParallelError`` naming the setting when ``config`` cannot be split ``size`` ways."""
+    if size == 1:
+        return
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads, kv = text.num_attention_heads, text.num_key_value_heads
+    where = f"parallel.sequence={size} with {role} ({type(config).__name__})"
+    if heads % size:
+        raise ParallelError(f"{where}: num_attention_heads={heads} is not divisible by {size}; Ulysses gives "
+                            f"each rank whole heads. Use a parallel.sequence that divides {heads}.")
+    if kv % size and size % kv:
+        raise ParallelError(f"{where}: num_key_value_heads={kv} neither divides nor is divisible by {size}; "
+                            "Ulysses splits or replicates whole KV heads. Use a parallel.sequence that divides "
+                            f"{kv} or is a multiple of it.")
+    if attn not in SP_CORES:
+        raise ParallelError(
+            f"{where}: attention '{attn}' cannot run sequence-parallel (model.attn_implementation). Ulysses "
+            "drops the [T, T] mask that eager attention needs; use sdpa (CPU/GPU) or flash_attention_2 (GPU)."
+            + (" Gemma-2's attention softcap needs flash_attention_2."
+               if getattr(text, "attn_logit_softcapping", None) else ""))
+
+
+def global_attention_mask(position_ids: torch.Tensor, sliding_window: int | None = None) -> torch.Tensor | None:
+    """``[B, 1, T, T]`` bool (True: may attend) for whole rows, from their position ids; None when
+    plain causal attention is exact. Position ids that do not continue (``p[i] != p[i-1] + 1``)
+    start a new document (packing); a key further back than ``sliding_window`` is masked (the HF
+    rule: ``kv > q - window``)."""
+    _, T = position_ids.shape
+    restart = torch.ones_like(position_ids, dtype=torch.bool)
+    restart[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    windowed = sliding_window is not None and T > sliding_window
+    if not windowed and not bool(restart[:, 1:].any()):
+        return None
+    doc = restart.cumsum(1)
+    i = torch.arange(T, device=position_ids.device)
+    allowed = i[:, None] >= i[None, :]
+    if windowed:
+        allowed = allowed & (i[None, :] > i[:, None] - sliding_window)
+    return (allowed[None] & (doc[:, :, None] == doc[:, None, :]))[:, None]
+
+
+def shard(batch: dict[str, torch.Tensor], rank: int, size: int, packed: bool = False) -> dict[str, torch.Tensor]:
+    """The batch as this rank's models see it.
+
+    ``targets``: the labels shifted on the WHOLE sequence (the target of a slice's last token is
+    the next slice's first label), then every ``[B, T]`` tensor cut to slice ``rank`` of ``size``;
+    position ids stay global, as Ulysses and RoPE need. ``n_real``: the slice's non-padding tokens.
+    The attention mask goes where attention must follow the position ids instead: packed rows
+    (transformers keeps packed examples apart only for restarting position ids and no mask) and
+    sequence-parallel slices (the mask is rebuilt for the whole sequence inside attention).
+    """
+    batch = dict(batch)
+    batch["targets"] = data.shift_labels(batch.pop("labels"))
+    if size > 1:
+        T = batch["input_ids"].shape[1]
+        if T % size:
+            raise ParallelError(f"sequence length {T} is not a multiple of parallel.sequence={size}; build the "
+                                "loader with pad_to_multiple_of=SequenceParallel.pad_to_multiple_of")
+        n = T // size
+        batch = {k: v[:, rank * n:(rank + 1) * n] for k, v in batch.items()}
+    batch["n_real"] = batch["attention_mask"].sum()
+    if packed or size > 1:
+        del batch["attention_mask"]
+    return batch
+
+
+class SequenceParallel:
+    """This rank's place in the DP x SP grid, the batch sharder, and the attention dispatcher."""
+
+    def __init__(self, size: int):
+        world, rank = dist.get_world_size(), dist.get_rank()
+        if size < 1 or world % size:
+            raise ParallelError(f"parallel.sequence={size} does not divide the world size {world}: each "
+                                f"sequence-parallel group needs {size} ranks. Launch a multiple of {size} ranks "
+                                "(parallel.nproc) or change parallel.sequence.")
+        self.size, self.dp_rank, self.dp_world = size, rank // size, world // size
+        self.group, self.rank = None, 0
+        if size > 1:
+            from deepspeed.runtime.sequence_parallel import parallel_state_sp as mpu
+            mpu.initialize_sequence_parallel(size)
+            self.group, self.rank = mpu.get_sequence_parallel_group(), mpu.get_sequence_parallel_rank()
+        self._core: dict[str, callable] = {}
+        self._ulysses: dict[tuple, torch.nn.Module] = {}
+        self._masks: dict[int | None, tuple] = {}
+
+    @property
+    def pad_to_multiple_of(self) -> int | None:
+        return self.size if self.size > 1 else None
+
+    def shard(self, batch: dict[str, torch.Tensor], packed: bool = False) -> dict[str, torch.Tensor]:
+        return shard(batch, self.rank, self.size, packed)
+
+    def attach(self, model, role: str) -> None:
+        """Check ``model`` can be split and route its attention through Ulysses (no-op at SP=1)."""
+        attn = model.config._attn_implementation
+        check_model(model.config, role, self.size, attn)
+        if self.size == 1 or attn in self._core:
+            return
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+        self._core[attn] = ALL_ATTENTION_FUNCTIONS[attn]
+        # Replace the core in place (as DeepSpeed does): transformers keeps taking its
+        # implementation-specific paths (masks, flash varlen) for the name it knows.
+        ALL_ATTENTION_FUNCTIONS[attn] = lambda *a, **kw: self._attention(attn, *a, **kw)
+
+    def _attention(self, attn, module, query, key, value, attention_mask, *args, **kwargs):
+        from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
+        batch, heads, _, head_dim = query.shape
+        geometry = (attn, batch, heads, key.shape[1], head_dim)
+        if geometry not in self._ulysses:
+            self._ulysses[geometry] = UlyssesSPAttentionHF(
+                attn=lambda *a, **kw: self._core_attention(attn, *a, **kw), batch_size=batch,
+                attn_head_count=heads, attn_head_size=head_dim, kv_head_count=key.shape[1],
+                num_hidden_layers=module.config.num_hidden_layers, process_group=self.group,
+                seq_length_is_variable=True)
+        # the mask was built by transformers for the local slice: meaningless for the whole sequence
+        return self._ulysses[geometry](module, query, key, value, None, *args, **kwargs)
+
+    def _core_attention(self, attn, module, query, key, value, attention_mask, *args, **kwargs):
+        if attn == "sdpa":
+            attention_mask = self._cached_mask(kwargs["position_ids"], kwargs.get("sliding_window"))
+        return self._core[attn](module, query, key, value, attention_mask, *args, **kwargs)
+
+    def _cached_mask(self, position_ids, sliding_window):
+        """Every layer of one forward sees the same positions: one mask per forward and window size."""
+        cached = self._masks.get(sliding_window)
+        if cached is None or cached[0].shape != position_ids.shape or not torch.equal(cached[0], position_ids):
+            cached = self._masks[sliding_window] = (position_ids, global_attention_mask(position_ids, sliding_window))
+        return cached[1]

@@ -194,6 +194,9 @@ def test_teacher_required_unless_sft():
 def test_cross_field_checks():
     assert "multiple of parallel.sequence" in error("parallel.nproc=3", "parallel.sequence=2")
     assert load("parallel.nproc=4", "parallel.sequence=2").parallel.sequence == 2
+    msg = error("parallel.sequence=2", "model.attn_implementation=eager")
+    assert "model.attn_implementation=eager" in msg and "parallel.sequence=2" in msg
+    assert load("parallel.sequence=2", "model.attn_implementation=sdpa").model.attn_implementation == "sdpa"
     assert "zero_stage" in error("parallel.offload_optimizer=true", "parallel.zero_stage=0")
 
 

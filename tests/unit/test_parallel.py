@@ -1,0 +1,117 @@
+"""Sequence parallelism pieces that need no second rank: the sharder, the global mask rebuilt from
+position ids (against a loop over its definition, and against transformers' own masks), and the
+model checks. The multi-rank equality lives in tests/dist/test_sp.py."""
+import itertools
+
+import pytest
+import torch
+from transformers import LlamaConfig, MistralConfig, MistralForCausalLM
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from train.data import Collator, PackedDataset, shift_labels
+from train.parallel import ParallelError, check_model, global_attention_mask, shard
+
+
+def packed_batch(lengths_per_row, max_len, multiple):
+    """Rows packed from examples of the given lengths, through the real PackedDataset + Collator."""
+    items, tok = [], 1
+    for lengths in lengths_per_row:
+        for n in lengths:
+            ids = torch.arange(tok, tok + n).numpy()
+            items.append({"input_ids": ids, "labels": ids.copy()})
+            tok += n
+    packed = PackedDataset(items, max_len)
+    return Collator(pad_id=0, pad_to_multiple_of=multiple)([packed[i] for i in range(len(packed))])
+
+
+def test_shard_shifts_before_cutting_and_keeps_global_positions():
+    batch = packed_batch([[5, 6], [9]], max_len=12, multiple=4)
+    T = batch["input_ids"].shape[1]
+    assert T % 4 == 0
+    whole = shard(batch, 0, 1)
+    assert torch.equal(whole["targets"], shift_labels(batch["labels"])) and "labels" not in whole
+    assert torch.equal(whole["attention_mask"], batch["attention_mask"])        # padded rows keep their mask
+    assert "attention_mask" not in shard(batch, 0, 1, packed=True)              # packed rows follow positions
+    pieces = [shard(batch, r, 4) for r in range(4)]
+    for key in ("input_ids", "position_ids", "targets"):
+        assert torch.equal(torch.cat([p[key] for p in pieces], dim=1), whole[key]), key
+    assert all("attention_mask" not in p for p in pieces)
+    assert sum(p["n_real"] for p in pieces) == whole["n_real"] == 5 + 6 + 9
+    # the target of slice 0's last token is slice 1's first label: lost if shifted after cutting
+    n = T // 4
+    assert pieces[0]["targets"][0, -1] == batch["labels"][0, n]
+    assert torch.equal(pieces[2]["position_ids"], batch["position_ids"][:, 2 * n:3 * n])
+    with pytest.raises(ParallelError, match="multiple of parallel.sequence=5"):
+        shard(batch, 0, 5)
+
+
+def reference_mask(position_ids, window):
+    B, T = position_ids.shape
+    out = torch.zeros(B, 1, T, T, dtype=torch.bool)
+    for b, q, k in itertools.product(range(B), range(T), range(T)):
+        same_doc = all(position_ids[b, j] == position_ids[b, j - 1] + 1 for j in range(k + 1, q + 1))
+        out[b, 0, q, k] = k <= q and same_doc and (window is None or q - k < window)
+    return out
+
+
+@pytest.mark.parametrize("window", [None, 3, 100])
+def test_global_mask_matches_its_definition(window):
+    batch = packed_batch([[4, 3, 2], [7, 1]], max_len=12, multiple=2)
+    pos = batch["position_ids"]
+    assert torch.equal(global_attention_mask(pos, window), reference_mask(pos, window))
+    plain = torch.arange(10).repeat(2, 1)
+    if window in (None, 100):
+        assert global_attention_mask(plain, window) is None      # plain causal: sdpa's is_causal path
+    else:
+        assert torch.equal(global_attention_mask(plain, window), reference_mask(plain, window))
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_rebuilt_mask_gives_transformers_outputs(window):
+    """A model whose attention ignores the mask transformers built and uses the one rebuilt from the
+    position ids (what the sequence-parallel core sees) computes the same hidden states."""
+    torch.manual_seed(0)
+    cfg = MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, vocab_size=64, sliding_window=window, max_position_embeddings=64)
+    model = MistralForCausalLM._from_config(cfg, attn_implementation="sdpa").eval()
+    batch = packed_batch([[6, 5, 4], [9, 7]], max_len=16, multiple=1)
+    ids = batch["input_ids"] % 64
+
+    def run():
+        return model.model(input_ids=ids, position_ids=batch["position_ids"], use_cache=False).last_hidden_state
+
+    expected = run()
+    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    seen = []
+
+    def rebuilt(module, q, k, v, mask, *args, **kwargs):
+        seen.append(kwargs.get("sliding_window"))
+        return sdpa(module, q, k, v, global_attention_mask(kwargs["position_ids"], kwargs.get("sliding_window")),
+                    *args, **kwargs)
+
+    ALL_ATTENTION_FUNCTIONS["sdpa"] = rebuilt
+    try:
+        got = run()
+    finally:
+        ALL_ATTENTION_FUNCTIONS["sdpa"] = sdpa
+    assert seen == [window] * 2
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    # and the mask matters: plain causal attention over the packed rows differs
+    ALL_ATTENTION_FUNCTIONS["sdpa"] = lambda module, q, k, v, mask, *a, **kw: sdpa(module, q, k, v, None, *a, **kw)
+    try:
+        assert (run() - expected).abs().max() > 1e-3
+    finally:
+        ALL_ATTENTION_FUNCTIONS["sdpa"] = sdpa
+
+
+def test_check_model_names_the_setting():
+    cfg = LlamaConfig(hidden_size=48, num_attention_heads=6, num_key_value_heads=2)
+    check_model(cfg, "model.student=x", 1, "eager")                 # SP=1: anything goes
+    check_model(cfg, "model.student=x", 2, "sdpa")
+    with pytest.raises(ParallelError, match=r"parallel.sequence=4 .*model.student=x.*num_attention_heads=6"):
+        check_model(cfg, "model.student=x", 4, "sdpa")
+    with pytest.raises(ParallelError, match=r"num_key_value_heads=2 .*3"):
+        check_model(cfg, "model.teacher=y", 3, "sdpa")
+    check_model(LlamaConfig(num_attention_heads=8, num_key_value_heads=2), "t", 8, "sdpa")  # KV heads replicated
+    with pytest.raises(ParallelError, match=r"attention 'eager'.*model.attn_implementation"):
+        check_model(cfg, "model.student=x", 2, "eager")
