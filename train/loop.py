@@ -1,9 +1,9 @@
 """The training run, readable top to bottom: build, (resume), step, log, evaluate, save, export.
 
-One step: the loader's batch goes to the frozen teacher (final hidden states, no grad) and to the
-student; ``kd.fused_distill_loss`` turns both hidden states and lm-head weights into the loss in
-chunks (never a [tokens, vocab] tensor) and reduces it over the data-parallel ranks; the student
-engine steps. Everything else here is bookkeeping.
+One step: the loader's batch (this rank's slice of it under sequence parallelism) goes to the
+frozen teacher (final hidden states, no grad) and to the student; ``kd.fused_distill_loss`` turns
+both hidden states and lm-head weights into the loss in chunks (never a [tokens, vocab] tensor)
+and reduces it over all ranks; the student engine steps. Everything else here is bookkeeping.
 """
 from __future__ import annotations
 

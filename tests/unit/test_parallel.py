@@ -115,3 +115,20 @@ def test_check_model_names_the_setting():
     check_model(LlamaConfig(num_attention_heads=8, num_key_value_heads=2), "t", 8, "sdpa")  # KV heads replicated
     with pytest.raises(ParallelError, match=r"attention 'eager'.*model.attn_implementation"):
         check_model(cfg, "model.student=x", 2, "eager")
+
+
+def test_long_context_recipe_splits_llama3_heads():
+    """recipes/llama3_8b_to_1b_32k.yaml against the real Llama-3.1-8B and Llama-3.2-1B geometries."""
+    from pathlib import Path
+
+    from train.config import ds_config, load_config
+    c = load_config(str(Path(__file__).parents[2] / "recipes" / "llama3_8b_to_1b_32k.yaml"), [])
+    assert (c.parallel.sequence, c.parallel.nproc, c.data.max_len, c.data.pack) == (8, 8, 32768, True)
+    teacher = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                          num_key_value_heads=8, vocab_size=128256)
+    student = LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                          num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True)
+    for role, conf in (("model.teacher", teacher), ("model.student", student)):
+        check_model(conf, role, c.parallel.sequence, c.model.attn_implementation)
+    ds = ds_config(c, "student", 8)
+    assert ds["sequence_parallel_size"] == 8 and ds["train_batch_size"] == 16      # one replica: 16 rows/step
