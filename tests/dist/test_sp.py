@@ -23,11 +23,14 @@ def train(kd_setup, tmp_path, name, nproc, *overrides):
     return metrics(run), evals[-1], torch.load(grads)
 
 
-@pytest.mark.parametrize("pack", [False, True], ids=["padded", "packed"])
-def test_sp2_equals_sp1(kd_setup, tmp_path, pack):
+@pytest.mark.parametrize("pack, checkpointing", [(False, False), (True, False), (True, True)],
+                         ids=["padded", "packed", "packed-sp2-activation-checkpointing"])
+def test_sp2_equals_sp1(kd_setup, tmp_path, pack, checkpointing):
+    """With checkpointing, only the SP=2 run recomputes (attention all-to-alls included) in backward."""
     common = ["train.steps=3", "train.grad_accum=2", "train.eval_every=3", f"data.pack={str(pack).lower()}"]
     rows1, eval1, g1 = train(kd_setup, tmp_path, "sp1", 1, *common)
-    rows2, eval2, g2 = train(kd_setup, tmp_path, "sp2", 2, *common)
+    rows2, eval2, g2 = train(kd_setup, tmp_path, "sp2", 2, *common,
+                             f"model.activation_checkpointing={str(checkpointing).lower()}")
 
     assert [r["step"] for r in rows2] == [1, 2, 3]
     for a, b in zip(rows1, rows2):

@@ -104,6 +104,21 @@ def test_rebuilt_mask_gives_transformers_outputs(window):
         ALL_ATTENTION_FUNCTIONS["sdpa"] = sdpa
 
 
+def test_auto_attention_picks_what_the_model_supports(tmp_path):
+    import json
+
+    from transformers import Gemma2Config
+
+    from train.models import load_causal_lm, resolve_attention
+    assert resolve_attention("auto", LlamaConfig()) == "sdpa"          # CPU, no flash-attn
+    assert resolve_attention("auto", Gemma2Config()) == "eager"        # sdpa cannot apply its attention softcap
+    assert resolve_attention("sdpa", LlamaConfig()) == "sdpa"
+    spec = tmp_path / "gemma2.json"                                    # transformers refuses sdpa for Gemma-2
+    spec.write_text(json.dumps(dict(model_type="gemma2", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                    num_attention_heads=2, num_key_value_heads=1, head_dim=16, vocab_size=64)))
+    assert load_causal_lm(str(spec), torch.float32).config._attn_implementation == "eager"
+
+
 def test_check_model_names_the_setting():
     cfg = LlamaConfig(hidden_size=48, num_attention_heads=6, num_key_value_heads=2)
     check_model(cfg, "model.student=x", 1, "eager")                 # SP=1: anything goes
