@@ -28,9 +28,20 @@ def train(kd_setup, tmp_path, name, nproc, *overrides):
 def test_sp2_equals_sp1(kd_setup, tmp_path, pack, checkpointing):
     """With checkpointing, only the SP=2 run recomputes (attention all-to-alls included) in backward."""
     common = ["train.steps=3", "train.grad_accum=2", "train.eval_every=3", f"data.pack={str(pack).lower()}"]
+    _compare(kd_setup, tmp_path, common, [f"model.activation_checkpointing={str(checkpointing).lower()}"])
+
+
+def test_sp2_equals_sp1_with_replicated_kv_heads(kd_setup, tmp_path):
+    """A student with one KV head: at SP=2 Ulysses replicates it on both ranks (the Gemma-2 2B / SP=8 case)."""
+    spec = json.loads((kd_setup / "student.json").read_text())
+    (tmp_path / "student-kv1.json").write_text(json.dumps(dict(spec, num_key_value_heads=1)))
+    common = ["train.steps=3", f"model.student={tmp_path / 'student-kv1.json'}", "train.eval_every=3"]
+    _compare(kd_setup, tmp_path, common, [])
+
+
+def _compare(kd_setup, tmp_path, common, sp2_only):
     rows1, eval1, g1 = train(kd_setup, tmp_path, "sp1", 1, *common)
-    rows2, eval2, g2 = train(kd_setup, tmp_path, "sp2", 2, *common,
-                             f"model.activation_checkpointing={str(checkpointing).lower()}")
+    rows2, eval2, g2 = train(kd_setup, tmp_path, "sp2", 2, *common, *sp2_only)
 
     assert [r["step"] for r in rows2] == [1, 2, 3]
     for a, b in zip(rows1, rows2):
