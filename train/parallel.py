@@ -23,6 +23,8 @@ Sequence parallelism (``parallel.sequence=N``, DeepSpeed Ulysses)
 """
 from __future__ import annotations
 
+import warnings
+
 import deepspeed
 import torch
 import torch.distributed as dist
@@ -45,6 +47,8 @@ def init_distributed() -> None:
     build killed midway leaves a lock file that hangs every later run. Marking the op unavailable
     makes DeepSpeed use plain gloo collectives, which is all the training path needs.
     """
+    # DeepSpeed still calls collectives this torch deprecates: noise on every rank, nothing to act on
+    warnings.filterwarnings("ignore", r"`torch\.distributed\.\w+` is deprecated", FutureWarning)
     if get_accelerator().device_name() == "cpu":
         from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
         deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
