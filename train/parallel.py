@@ -15,7 +15,10 @@ Sequence parallelism (``parallel.sequence=N``, DeepSpeed Ulysses)
     attention that keeps a DeepSpeed Ulysses module per geometry (and micro-batch size: eval
     batches can be shorter). Ulysses drops the attention mask; for sdpa the dispatcher rebuilds
     the global one from the gathered position ids when plain causal attention would be wrong
-    (packed rows, sliding windows). Flash-attn finds packed rows from the position ids itself.
+    (packed rows, sliding windows); for flash-attn it passes the documents' cumulative lengths
+    (``flash_varlen_kwargs``). The flash part also runs at SP=1: transformers itself finds packed
+    documents from position ids only in a batch of one row, so with more rows they would attend
+    to each other.
 
     The engines get no ``mpu``: DeepSpeed then averages gradients over all DP x SP ranks, the
     convention of ``kd.fused_distill_loss(..., group=WORLD)`` (global token mean, backward scaled by
@@ -60,7 +63,8 @@ def check_model(config, role: str, size: int, attn: str) -> None:
     if size == 1:
         return
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    heads, kv = text.num_attention_heads, text.num_key_value_heads
+    heads = text.num_attention_heads
+    kv = getattr(text, "num_key_value_heads", None) or heads
     where = f"parallel.sequence={size} with {role} ({type(config).__name__})"
     if heads % size:
         raise ParallelError(f"{where}: num_attention_heads={heads} is not divisible by {size}; Ulysses gives "
@@ -75,6 +79,10 @@ def check_model(config, role: str, size: int, attn: str) -> None:
             "drops the [T, T] mask that eager attention needs; use sdpa (CPU/GPU) or flash_attention_2 (GPU)."
             + (" Gemma-2's attention softcap needs flash_attention_2."
                if getattr(text, "attn_logit_softcapping", None) else ""))
+    if attn == "sdpa" and getattr(text, "attn_logit_softcapping", None):
+        raise ParallelError(f"{where}: sdpa cannot apply the attention-logit softcap "
+                            f"({text.attn_logit_softcapping}) and transformers refuses it for this model; "
+                            "use model.attn_implementation=flash_attention_2 (GPU) with sequence parallelism.")
 
 
 def global_attention_mask(position_ids: torch.Tensor, sliding_window: int | None = None) -> torch.Tensor | None:
@@ -121,6 +129,22 @@ def shard(batch: dict[str, torch.Tensor], rank: int, size: int, packed: bool = F
     return batch
 
 
+def flash_varlen_kwargs(position_ids: torch.Tensor) -> dict:
+    """Cumulative document lengths for flash-attn's varlen kernel from ``[B, T]`` position ids whose
+    rows all start at 0 (every row start is then a document start, and transformers flattens the
+    batch); ``{}`` when no row restarts inside, where plain causal flash attention is exact."""
+    if not bool((position_ids[:, 1:] != position_ids[:, :-1] + 1).any()):
+        return {}
+    if bool((position_ids[:, 0] != 0).any()):
+        raise ParallelError("packed rows must start at position 0 (train.data.Collator does this)")
+    from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
+    (cu_q, cu_k), (max_q, max_k) = prepare_fa_kwargs_from_position_ids(position_ids)
+    return dict(cu_seq_lens_q=cu_q, cu_seq_lens_k=cu_k, max_length_q=int(max_q), max_length_k=int(max_k))
+
+
+_TRANSFORMERS_CORE: dict[str, callable] = {}    # the functions transformers registered, before any wrapping
+
+
 class SequenceParallel:
     """This rank's place in the DP x SP grid, the batch sharder, and the attention dispatcher."""
 
@@ -148,16 +172,18 @@ class SequenceParallel:
         return shard(batch, self.rank, self.size, packed)
 
     def attach(self, model, role: str) -> None:
-        """Check ``model`` can be split and route its attention through Ulysses (no-op at SP=1)."""
+        """Check ``model`` can be split and route its attention through Ulysses (SP > 1) and, for
+        flash-attn, through the packed-document handling (any SP)."""
         attn = model.config._attn_implementation
         check_model(model.config, role, self.size, attn)
-        if self.size == 1 or attn in self._core:
+        if attn in self._core or not (self.size > 1 or attn.startswith("flash_attention")):
             return
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-        self._core[attn] = ALL_ATTENTION_FUNCTIONS[attn]
+        self._core[attn] = _TRANSFORMERS_CORE.setdefault(attn, ALL_ATTENTION_FUNCTIONS[attn])
         # Replace the core in place (as DeepSpeed does): transformers keeps taking its
         # implementation-specific paths (masks, flash varlen) for the name it knows.
-        ALL_ATTENTION_FUNCTIONS[attn] = lambda *a, **kw: self._attention(attn, *a, **kw)
+        route = self._attention if self.size > 1 else self._core_attention
+        ALL_ATTENTION_FUNCTIONS[attn] = lambda *a, **kw: route(attn, *a, **kw)
 
     def _attention(self, attn, module, query, key, value, attention_mask, *args, **kwargs):
         from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
@@ -173,8 +199,13 @@ class SequenceParallel:
         return self._ulysses[geometry](module, query, key, value, None, *args, **kwargs)
 
     def _core_attention(self, attn, module, query, key, value, attention_mask, *args, **kwargs):
+        """The core attention on whole sequences (after Ulysses' all-to-all when SP > 1)."""
         if attn == "sdpa":
-            attention_mask = self._cached_mask(kwargs["position_ids"], kwargs.get("sliding_window"))
+            # some models (Qwen2-MoE) apply their window through the mask only, not the kwarg
+            window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+            attention_mask = self._cached_mask(kwargs["position_ids"], window)
+        elif attention_mask is None and kwargs.get("position_ids") is not None and "cu_seq_lens_q" not in kwargs:
+            kwargs.update(flash_varlen_kwargs(kwargs["position_ids"]))
         return self._core[attn](module, query, key, value, attention_mask, *args, **kwargs)
 
     def _cached_mask(self, position_ids, sliding_window):

@@ -9,7 +9,7 @@ from transformers import LlamaConfig, MistralConfig, MistralForCausalLM
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from train.data import Collator, PackedDataset, shift_labels
-from train.parallel import ParallelError, check_model, global_attention_mask, shard
+from train.parallel import ParallelError, check_model, flash_varlen_kwargs, global_attention_mask, shard
 
 
 def packed_batch(lengths_per_row, max_len, multiple):
@@ -64,6 +64,28 @@ def test_global_mask_matches_its_definition(window):
         assert global_attention_mask(plain, window) is None      # plain causal: sdpa's is_causal path
     else:
         assert torch.equal(global_attention_mask(plain, window), reference_mask(plain, window))
+
+
+def test_flash_varlen_kwargs_describe_the_same_documents_as_the_mask():
+    """flash-attn's varlen kernel attends causally inside each [cu[i], cu[i+1]) of the flattened batch:
+    run that with sdpa segment by segment and compare with the rebuilt mask on the whole batch."""
+    import torch.nn.functional as F
+    batch = packed_batch([[6, 5, 4], [9, 7], [3, 8, 2]], max_len=16, multiple=1)
+    pos = batch["position_ids"]
+    B, T = pos.shape
+    kw = flash_varlen_kwargs(pos)
+    cu = kw["cu_seq_lens_q"].tolist()
+    assert cu[0] == 0 and cu[-1] == B * T and torch.equal(kw["cu_seq_lens_k"], kw["cu_seq_lens_q"])
+    assert kw["max_length_q"] == kw["max_length_k"] == max(b - a for a, b in zip(cu, cu[1:]))
+    q, k, v = (torch.randn(B, 2, T, 8, dtype=torch.float64) for _ in range(3))
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=global_attention_mask(pos))
+    flat = [x.transpose(1, 2).reshape(B * T, 2, 8) for x in (q, k, v)]
+    got = torch.cat([F.scaled_dot_product_attention(*(x[a:b].transpose(0, 1) for x in flat), is_causal=True)
+                     .transpose(0, 1) for a, b in zip(cu, cu[1:])])
+    torch.testing.assert_close(got.reshape(B, T, 2, 8).transpose(1, 2), expected)
+    assert flash_varlen_kwargs(torch.arange(10).repeat(3, 1)) == {}       # unpacked: plain causal flash
+    with pytest.raises(ParallelError, match="start at position 0"):
+        flash_varlen_kwargs(torch.tensor([[0, 1, 0, 1], [2, 3, 0, 1]]))
 
 
 @pytest.mark.parametrize("window", [None, 5])
@@ -130,6 +152,11 @@ def test_check_model_names_the_setting():
     check_model(LlamaConfig(num_attention_heads=8, num_key_value_heads=2), "t", 8, "sdpa")  # KV heads replicated
     with pytest.raises(ParallelError, match=r"attention 'eager'.*model.attn_implementation"):
         check_model(cfg, "model.student=x", 2, "eager")
+    from transformers import Gemma2Config
+    gemma = Gemma2Config(num_attention_heads=8, num_key_value_heads=4)
+    with pytest.raises(ParallelError, match="softcap.*flash_attention_2"):
+        check_model(gemma, "model.teacher=g", 2, "sdpa")
+    check_model(gemma, "model.teacher=g", 2, "flash_attention_2")
 
 
 def test_long_context_recipe_splits_llama3_heads():
