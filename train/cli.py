@@ -77,10 +77,8 @@ def preflight(cfg, nproc: int) -> None:
     sp = cfg.parallel.sequence
     if sp > 1:
         from .models import model_config, resolve_attention
-        from .parallel import ParallelError, check_model
-        if nproc % sp:
-            raise ParallelError(f"parallel.sequence={sp} does not divide the {nproc} ranks to launch (parallel.nproc, "
-                                f"default: every GPU, or 2 on CPU); launch a multiple of {sp} ranks.")
+        from .parallel import check_model, check_world
+        check_world(sp, nproc)
         models = {"student": cfg.model.student_init or cfg.model.student}
         if cfg.loss.method != "sft":
             models["teacher"] = cfg.model.teacher

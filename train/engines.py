@@ -80,9 +80,9 @@ def build_student(cfg, ds: dict, vocab_size: int | None, sp: SequenceParallel) -
     dtype = models.resolve_dtype(cfg.model.dtype)
     # Must be alive while the model is created, so from_pretrained/from_config build ZeRO-3 shards.
     _keep = HfDeepSpeedConfig(ds) if _zero3(ds) else None  # noqa: F841
-    model = models.load_causal_lm(cfg.model.student_init or cfg.model.student, dtype,
-                                  cfg.model.attn_implementation, vocab_size, seed=cfg.train.seed)
-    sp.attach(model, f"model.student={cfg.model.student}")
+    spec = cfg.model.student_init or cfg.model.student
+    model = models.load_causal_lm(spec, dtype, cfg.model.attn_implementation, vocab_size, seed=cfg.train.seed)
+    sp.attach(model, f"model.student={spec}")
     if cfg.model.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     t = cfg.train

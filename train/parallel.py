@@ -58,6 +58,14 @@ def init_distributed() -> None:
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
 
 
+def check_world(size: int, world: int) -> None:
+    """Raise ``ParallelError`` unless ``world`` ranks split into groups of ``size``."""
+    if size < 1 or world % size:
+        raise ParallelError(f"parallel.sequence={size} does not divide the {world} ranks (parallel.nproc; default: "
+                            f"every GPU, or 2 on CPU): each sequence-parallel group needs {size} ranks. Launch a "
+                            f"multiple of {size} ranks or change parallel.sequence.")
+
+
 def check_model(config, role: str, size: int, attn: str) -> None:
     """Raise ``ParallelError`` naming the setting when ``config`` cannot be split ``size`` ways."""
     if size == 1:
@@ -85,6 +93,11 @@ def check_model(config, role: str, size: int, attn: str) -> None:
                             "use model.attn_implementation=flash_attention_2 (GPU) with sequence parallelism.")
 
 
+def _continues(position_ids: torch.Tensor) -> torch.Tensor:
+    """``[B, T-1]`` bool: position ``i`` continues the document of ``i - 1`` (packed rows restart)."""
+    return position_ids[:, 1:] == position_ids[:, :-1] + 1
+
+
 def global_attention_mask(position_ids: torch.Tensor, sliding_window: int | None = None) -> torch.Tensor | None:
     """``[B, 1, T, T]`` bool (True: may attend) for whole rows, from their position ids; None when
     plain causal attention is exact. Position ids that do not continue (``p[i] != p[i-1] + 1``)
@@ -92,7 +105,7 @@ def global_attention_mask(position_ids: torch.Tensor, sliding_window: int | None
     rule: ``kv > q - window``)."""
     _, T = position_ids.shape
     restart = torch.ones_like(position_ids, dtype=torch.bool)
-    restart[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    restart[:, 1:] = ~_continues(position_ids)
     windowed = sliding_window is not None and T > sliding_window
     if not windowed and not bool(restart[:, 1:].any()):
         return None
@@ -102,6 +115,12 @@ def global_attention_mask(position_ids: torch.Tensor, sliding_window: int | None
     if windowed:
         allowed = allowed & (i[None, :] > i[:, None] - sliding_window)
     return (allowed[None] & (doc[:, :, None] == doc[:, None, :]))[:, None]
+
+
+def attention_window(module, kwargs: dict) -> int | None:
+    """The sliding window of this attention call: the kwarg most models pass, else the module's own
+    (Qwen2-MoE applies its window only through the mask transformers builds, which Ulysses drops)."""
+    return kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
 
 
 def shard(batch: dict[str, torch.Tensor], rank: int, size: int, packed: bool = False) -> dict[str, torch.Tensor]:
@@ -133,7 +152,7 @@ def flash_varlen_kwargs(position_ids: torch.Tensor) -> dict:
     """Cumulative document lengths for flash-attn's varlen kernel from ``[B, T]`` position ids whose
     rows all start at 0 (every row start is then a document start, and transformers flattens the
     batch); ``{}`` when no row restarts inside, where plain causal flash attention is exact."""
-    if not bool((position_ids[:, 1:] != position_ids[:, :-1] + 1).any()):
+    if bool(_continues(position_ids).all()):
         return {}
     if bool((position_ids[:, 0] != 0).any()):
         raise ParallelError("packed rows must start at position 0 (train.data.Collator does this)")
@@ -150,10 +169,7 @@ class SequenceParallel:
 
     def __init__(self, size: int):
         world, rank = dist.get_world_size(), dist.get_rank()
-        if size < 1 or world % size:
-            raise ParallelError(f"parallel.sequence={size} does not divide the world size {world}: each "
-                                f"sequence-parallel group needs {size} ranks. Launch a multiple of {size} ranks "
-                                "(parallel.nproc) or change parallel.sequence.")
+        check_world(size, world)
         self.size, self.dp_rank, self.dp_world = size, rank // size, world // size
         self.group, self.rank = None, 0
         if size > 1:
@@ -201,9 +217,7 @@ class SequenceParallel:
     def _core_attention(self, attn, module, query, key, value, attention_mask, *args, **kwargs):
         """The core attention on whole sequences (after Ulysses' all-to-all when SP > 1)."""
         if attn == "sdpa":
-            # some models (Qwen2-MoE) apply their window through the mask only, not the kwarg
-            window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
-            attention_mask = self._cached_mask(kwargs["position_ids"], window)
+            attention_mask = self._cached_mask(kwargs["position_ids"], attention_window(module, kwargs))
         elif attention_mask is None and kwargs.get("position_ids") is not None and "cu_seq_lens_q" not in kwargs:
             kwargs.update(flash_varlen_kwargs(kwargs["position_ids"]))
         return self._core[attn](module, query, key, value, attention_mask, *args, **kwargs)

@@ -68,4 +68,6 @@ def test_sequence_parallel_settings_fail_before_launch(kd_setup, tmp_path):
     assert out.returncode == 2 and "model.attn_implementation=eager" in out.stderr
     out = kd_train(recipe, f"output_dir={tmp_path}", "parallel.nproc=3", "parallel.sequence=2", check=False)
     assert out.returncode == 2 and "multiple of parallel.sequence=2" in out.stderr
+    out = kd_train(recipe, f"output_dir={tmp_path}", "parallel.nproc=null", "parallel.sequence=4", check=False)
+    assert out.returncode == 2 and "parallel.sequence=4 does not divide the 2 ranks" in out.stderr   # CPU default
     assert not (tmp_path / "t").exists()      # nothing launched, nothing written

@@ -9,7 +9,8 @@ from transformers import LlamaConfig, MistralConfig, MistralForCausalLM
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from train.data import Collator, PackedDataset, shift_labels
-from train.parallel import ParallelError, check_model, flash_varlen_kwargs, global_attention_mask, shard
+from train.parallel import (ParallelError, attention_window, check_model, check_world, flash_varlen_kwargs,
+                            global_attention_mask, shard)
 
 
 def packed_batch(lengths_per_row, max_len, multiple):
@@ -88,14 +89,25 @@ def test_flash_varlen_kwargs_describe_the_same_documents_as_the_mask():
         flash_varlen_kwargs(torch.tensor([[0, 1, 0, 1], [2, 3, 0, 1]]))
 
 
-@pytest.mark.parametrize("window", [None, 5])
-def test_rebuilt_mask_gives_transformers_outputs(window):
+@pytest.mark.parametrize("family, window, windows", [("mistral", None, [None, None]), ("mistral", 5, [5, 5]),
+                                                     ("qwen2_moe", 5, [5, None])])
+def test_rebuilt_mask_gives_transformers_outputs(family, window, windows):
     """A model whose attention ignores the mask transformers built and uses the one rebuilt from the
-    position ids (what the sequence-parallel core sees) computes the same hidden states."""
+    position ids (what the sequence-parallel core sees) computes the same hidden states. Qwen2-MoE
+    passes no window to the attention function (its first layer slides, its second does not): the
+    window must come from the module."""
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
     torch.manual_seed(0)
-    cfg = MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                        num_key_value_heads=2, vocab_size=64, sliding_window=window, max_position_embeddings=64)
-    model = MistralForCausalLM._from_config(cfg, attn_implementation="sdpa").eval()
+    common = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=64, sliding_window=window, max_position_embeddings=64)
+    if family == "mistral":
+        model = MistralForCausalLM._from_config(MistralConfig(**common), attn_implementation="sdpa")
+    else:
+        cfg = Qwen2MoeConfig(**common, use_sliding_window=True, layer_types=["sliding_attention", "full_attention"],
+                             num_experts=2,
+                             num_experts_per_tok=1, moe_intermediate_size=32, shared_expert_intermediate_size=32)
+        model = Qwen2MoeForCausalLM._from_config(cfg, attn_implementation="sdpa")
+    model.eval()
     batch = packed_batch([[6, 5, 4], [9, 7]], max_len=16, multiple=1)
     ids = batch["input_ids"] % 64
 
@@ -107,16 +119,15 @@ def test_rebuilt_mask_gives_transformers_outputs(window):
     seen = []
 
     def rebuilt(module, q, k, v, mask, *args, **kwargs):
-        seen.append(kwargs.get("sliding_window"))
-        return sdpa(module, q, k, v, global_attention_mask(kwargs["position_ids"], kwargs.get("sliding_window")),
-                    *args, **kwargs)
+        seen.append(attention_window(module, kwargs))
+        return sdpa(module, q, k, v, global_attention_mask(kwargs["position_ids"], seen[-1]), *args, **kwargs)
 
     ALL_ATTENTION_FUNCTIONS["sdpa"] = rebuilt
     try:
         got = run()
     finally:
         ALL_ATTENTION_FUNCTIONS["sdpa"] = sdpa
-    assert seen == [window] * 2
+    assert seen == windows
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     # and the mask matters: plain causal attention over the packed rows differs
     ALL_ATTENTION_FUNCTIONS["sdpa"] = lambda module, q, k, v, mask, *a, **kw: sdpa(module, q, k, v, None, *a, **kw)
@@ -126,19 +137,11 @@ def test_rebuilt_mask_gives_transformers_outputs(window):
         ALL_ATTENTION_FUNCTIONS["sdpa"] = sdpa
 
 
-def test_auto_attention_picks_what_the_model_supports(tmp_path):
-    import json
-
-    from transformers import Gemma2Config
-
-    from train.models import load_causal_lm, resolve_attention
-    assert resolve_attention("auto", LlamaConfig()) == "sdpa"          # CPU, no flash-attn
-    assert resolve_attention("auto", Gemma2Config()) == "eager"        # sdpa cannot apply its attention softcap
-    assert resolve_attention("sdpa", LlamaConfig()) == "sdpa"
-    spec = tmp_path / "gemma2.json"                                    # transformers refuses sdpa for Gemma-2
-    spec.write_text(json.dumps(dict(model_type="gemma2", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                    num_attention_heads=2, num_key_value_heads=1, head_dim=16, vocab_size=64)))
-    assert load_causal_lm(str(spec), torch.float32).config._attn_implementation == "eager"
+def test_check_world():
+    check_world(2, 4)
+    check_world(1, 3)
+    with pytest.raises(ParallelError, match=r"parallel.sequence=4 does not divide the 2 ranks"):
+        check_world(4, 2)
 
 
 def test_check_model_names_the_setting():
