@@ -81,8 +81,10 @@ def fused_distill_loss(student_hidden: Tensor, student_weight: Tensor,
     cdt = torch.promote_types(student_hidden.dtype, torch.float32)
     rows = (labels != IGNORE_INDEX).nonzero().squeeze(-1)
     grad_h = torch.zeros_like(hs_all) if need_h else None
-    grad_w_full = torch.zeros_like(student_weight) if need_w else None
-    grad_w = grad_w_full[: W_s.shape[0]] if need_w else None
+    # the lm-head gradient sums over every chunk: accumulate in fp32 (a bf16 sum of many chunks
+    # loses the small contributions), cast once at the end
+    grad_w = torch.zeros(W_s.shape, dtype=torch.promote_types(W_s.dtype, torch.float32),
+                         device=W_s.device) if need_w else None
     total = torch.zeros((), dtype=cdt, device=hs_all.device)
     # Every key from the start: a rank without counted tokens must join the same reduction.
     names = [t.name for t in obj.terms] + (["ce"] if obj.ce_weight else [])
@@ -114,9 +116,14 @@ def fused_distill_loss(student_hidden: Tensor, student_weight: Tensor,
         if need_h:
             grad_h.index_copy_(0, idx, gx @ W_s.detach())
         if need_w:
-            grad_w.addmm_(gx.T, h.to(W_s.dtype))
+            grad_w.addmm_(gx.T.to(grad_w.dtype), h.to(grad_w.dtype))
         del x, z, a, per, gx
 
+    grad_w_full = grad_w
+    if need_w and (grad_w.dtype != student_weight.dtype or grad_w.shape != student_weight.shape):
+        grad_w_full = torch.zeros_like(student_weight)      # rows past vocab_size get no gradient
+        grad_w_full[: W_s.shape[0]] = grad_w
+        del grad_w
     local = _WithGrads.apply(student_hidden.reshape(-1, H), student_weight, total,
                              grad_h if need_h else torch.empty(0), grad_w_full if need_w else torch.empty(0))
     count = torch.tensor(rows.numel(), device=total.device)

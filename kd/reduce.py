@@ -63,6 +63,15 @@ def global_mean(local_sum: Tensor, local_count: Tensor, group=None,
     return all_reduce_sum(local_sum, group, grads_averaged) / count.clamp_min(1)
 
 
+def all_reduce_values(values: list[float], group=None, op: str = "sum", device="cpu") -> list[float]:
+    """Python numbers summed (``op="sum"``) or maxed (``"max"``) over ``group`` in one collective,
+    in float64; ``device`` is where the backend wants tensors (the engine's device)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if world_size(group) > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=group)
+    return t.tolist()
+
+
 def all_reduce_dict(sums: dict[str, Tensor], group=None) -> dict[str, Tensor]:
     """All-reduce a dict of detached scalars in one collective (for logging statistics)."""
     if world_size(group) == 1 or not sums:

@@ -20,6 +20,9 @@ def transition(progress: float, start: float = 0.0, end: float = 0.5, point: flo
         raise ValueError(f"transition shape {shape!r} is not one of {', '.join(SHAPES)}")
     if not 0.0 <= point <= 1.0:
         raise ValueError(f"transition point {point} must lie in [0, 1]")
+    for name, value in (("lambda_start", start), ("lambda_end", end)):
+        if not 0.0 <= value <= 1.0:     # a mixing weight: outside [0, 1] a term's sign flips
+            raise ValueError(f"{name}={value} must lie in [0, 1]")
     s = min(max(float(progress), 0.0), 1.0)
     if shape == "step":
         frac = 1.0 if s >= point else 0.0

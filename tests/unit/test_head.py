@@ -143,3 +143,24 @@ def test_shape_errors_are_clear():
         kd.fused_distill_loss(hs, ws, ht[:-1], wt, labels)
     with pytest.raises(ValueError, match="needs teacher"):
         kd.fused_distill_loss(hs, ws, None, None, labels, method="grkd")
+
+
+def test_bfloat16_lm_head_gradient_is_summed_in_float32():
+    """Over many chunks, the bf16 weight gradient is one rounding of the float32 sum (summing in
+    bf16 chunk by chunk loses the small contributions and drifts further with every chunk)."""
+    hs, ws, ht, wt, labels = setup(N=512, Hs=8, V=40, seed=3)
+    labels[:] = labels.abs()                     # every row counted: 512 chunks of one token
+    h = hs.detach().bfloat16().requires_grad_()
+    w = ws.detach().bfloat16().requires_grad_()
+    loss, _ = kd.fused_distill_loss(h, w, ht.bfloat16(), wt.bfloat16(), labels, method="forward_kl", chunk_size=1)
+    gw = torch.autograd.grad(loss, w)[0]
+    # reference: the same bf16 inputs, per-token logit gradients rounded to bf16 as in the head,
+    # summed in float64
+    with torch.enable_grad():
+        x = (h.detach() @ w.detach().T).double().requires_grad_()
+        ref_loss, _ = kd.distill_loss(x, (ht.bfloat16() @ wt.bfloat16().T).double(), labels, method="forward_kl")
+        gx = torch.autograd.grad(ref_loss * labels.numel(), x)[0].bfloat16().double()
+    ref = (gx.T @ h.detach().double()) / labels.numel()
+    err = (gw.double() - ref).abs()
+    ulp = ref.abs() * 2.0 ** -8 + 1e-6
+    assert (err <= ulp).float().mean() > 0.99, float((err / ulp).max())

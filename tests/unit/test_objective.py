@@ -140,6 +140,8 @@ def test_transition_shapes():
     assert schedule.transition(1.7) == schedule.transition(1.0)
     with pytest.raises(ValueError, match="linear"):
         schedule.transition(0.1, shape="exp")
+    with pytest.raises(ValueError, match=r"lambda_end=1.5 must lie in \[0, 1\]"):
+        schedule.transition(0.1, end=1.5)
 
 
 def test_alignment_metrics_hand_case():
