@@ -14,11 +14,12 @@ identity normalisation (so newlines and runs of spaces survive a round trip), di
 and a dummy prefix (``encode("42")`` gives ``▁4 2``, so a response encoded on its own reads as " 42").
 
 ``save(dir)`` of a SentencePiece tokenizer writes ``tokenizer.model`` plus ``tokenizer.json`` and
-``tokenizer_config.json`` built by hand from the model (no protobuf dependency), so an exported model dir
-loads with ``AutoTokenizer.from_pretrained(dir)`` and encodes exactly like SentencePiece. One documented
-difference remains, as with every HF tokenizer: the HF side treats the literal strings ``<s>``, ``</s>``,
-``<pad>``, ``<unk>`` in text as the special tokens, SentencePiece treats them as plain text (and for unigram
-models the literal text ``<0xNN>`` may come out as that byte piece on the HF side).
+``tokenizer_config.json`` converted by ``sentencepiece_to_hf`` (which kd-convert uses for Gemma too), so an
+exported model dir loads with ``AutoTokenizer.from_pretrained(dir)`` and encodes exactly like SentencePiece.
+Documented differences remain, as with every HF tokenizer: the HF side treats the literal strings ``<s>``,
+``</s>``, ``<pad>``, ``<unk>`` in text as the special tokens, SentencePiece treats them as plain text (and for
+unigram models the literal text ``<0xNN>`` may come out as that byte piece on the HF side); with a dummy
+prefix, text right after a user-defined symbol gets a dummy prefix of its own on the HF side.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ import io
 import os
 import shutil
 from pathlib import Path
-from typing import Iterable, Protocol, Sequence
+from typing import Collection, Iterable, Protocol, Sequence
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 SP_MODEL_FILE = "tokenizer.model"
@@ -250,127 +251,119 @@ def tokenizers_match(a, b) -> tuple[bool, str]:
 # SentencePiece -> HF conversion
 
 
-def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        b = buf[pos]
-        pos += 1
-        result |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return result, pos
-        shift += 7
+def sentencepiece_to_hf(model_file: str | os.PathLike, *, special_symbols: Collection[str] = ()):
+    """A ``PreTrainedTokenizerFast`` that encodes and decodes like the BPE or unigram SentencePiece model
+    ``model_file``; the one conversion, used by ``SentencePieceTokenizer.save`` and kd-convert (Gemma).
 
-
-def _proto_fields(buf: bytes) -> Iterable[tuple[int, int | bytes]]:
-    """(field number, value) pairs of one protobuf message: ints for varints, bytes for everything else."""
-    pos = 0
-    while pos < len(buf):
-        key, pos = _read_varint(buf, pos)
-        field, wire = key >> 3, key & 7
-        if wire == 0:
-            value, pos = _read_varint(buf, pos)
-        elif wire == 2:
-            size, pos = _read_varint(buf, pos)
-            value, pos = buf[pos:pos + size], pos + size
-        elif wire in (1, 5):
-            size = 8 if wire == 1 else 4
-            value, pos = buf[pos:pos + size], pos + size
-        else:
-            raise ValueError(f"unsupported protobuf wire type {wire}")
-        yield field, value
-
-
-def _sentencepiece_specs(model_file: Path) -> dict:
-    """The few ModelProto fields the conversion needs, read without protobuf (field numbers from
-    sentencepiece_model.proto: ModelProto.trainer_spec=2 / normalizer_spec=3; TrainerSpec.model_type=3;
-    NormalizerSpec name=1, precompiled_charsmap=2, add_dummy_prefix=3, remove_extra_whitespaces=4)."""
-    spec = {"model_type": 1, "name": "", "charsmap": b"", "add_dummy_prefix": True, "remove_extra_whitespaces": True}
-    for field, value in _proto_fields(model_file.read_bytes()):
-        if field == 2:
-            for f, v in _proto_fields(value):
-                if f == 3:
-                    spec["model_type"] = v
-        elif field == 3:
-            for f, v in _proto_fields(value):
-                if f == 1:
-                    spec["name"] = v.decode("utf-8")
-                elif f == 2:
-                    spec["charsmap"] = v
-                elif f == 3:
-                    spec["add_dummy_prefix"] = bool(v)
-                elif f == 4:
-                    spec["remove_extra_whitespaces"] = bool(v)
-    return spec
-
-
-def sentencepiece_to_hf(model_file: str | os.PathLike):
-    """Build a ``PreTrainedTokenizerFast`` equivalent to a BPE or unigram SentencePiece model."""
-    import sentencepiece as spm
-    from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
-    from tokenizers import Tokenizer as HFBackend
+    Everything comes from the model's own proto (``sentencepiece_model_pb2``): pieces, scores and types, the
+    special ids, and the normalizer settings (charsmap, dummy prefix, extra-whitespace removal). transformers'
+    per-model converters hard-code those settings (Llama's, Gemma's), so the ``tokenizers`` pipeline is put
+    together here and only the BPE merge ranking is taken from transformers. Control and unknown pieces become
+    special tokens, user-defined symbols added tokens, special (skipped by decode) only when named in
+    ``special_symbols`` (Gemma's turn markers). Raises ``ValueError`` for a file that is not such a model."""
+    from google.protobuf.message import DecodeError
+    from sentencepiece import sentencepiece_model_pb2 as pb
+    from tokenizers import AddedToken, Regex, decoders, models, normalizers, processors
+    from tokenizers import Tokenizer as Backend
     from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import generate_merges
 
     model_file = Path(model_file)
-    sp = spm.SentencePieceProcessor(model_file=str(model_file))
-    spec = _sentencepiece_specs(model_file)
-    n = sp.get_piece_size()
-    pieces = [sp.id_to_piece(i) for i in range(n)]
-    special = [i for i in range(n) if sp.is_control(i) or sp.is_unknown(i)]
-    # Byte and control pieces are only reachable through byte fallback / special-token matching in
-    # SentencePiece, never from text; keep them out of merges and out of the unigram lattice's reach.
-    unreachable = set(special) | {i for i in range(n) if sp.is_byte(i) or sp.is_unused(i)}
-    unk = pieces[sp.unk_id()]
+    proto = pb.ModelProto()
+    try:
+        proto.ParseFromString(model_file.read_bytes())
+    except DecodeError:
+        proto.Clear()
+    if not proto.pieces:  # protobuf parses many non-model files without complaint, but finds no pieces
+        raise ValueError(f"{model_file} is not a SentencePiece model (no pieces in it); pass the tokenizer.model "
+                         "written by SentencePiece training")
+    spec, norm_spec, Piece = proto.trainer_spec, proto.normalizer_spec, pb.ModelProto.SentencePiece
+    if spec.model_type not in (pb.TrainerSpec.BPE, pb.TrainerSpec.UNIGRAM) or spec.treat_whitespace_as_suffix:
+        raise ValueError(f"{model_file}: only BPE and unigram SentencePiece models with the whitespace marker as "
+                         "a prefix can be exported to HF")
+    pieces = [p.piece for p in proto.pieces]
+    special = [i for i, p in enumerate(proto.pieces) if p.type in (Piece.CONTROL, Piece.UNKNOWN)]
+    user = [i for i, p in enumerate(proto.pieces) if p.type == Piece.USER_DEFINED]
+    # Only normal pieces are reached from text by the model: control and user-defined pieces are matched as
+    # added tokens, byte pieces only through byte fallback. Keep the rest out of merges and of the lattice.
+    normal = {i for i, p in enumerate(proto.pieces) if p.type == Piece.NORMAL}
 
-    if spec["model_type"] == 2:  # BPE
+    if spec.model_type == pb.TrainerSpec.BPE:
         vocab = {p: i for i, p in enumerate(pieces)}
-        mergeable = {p: i for i, p in enumerate(pieces) if i not in unreachable}
-        # SentencePiece BPE applies the merge whose result scores highest; its pieces are ordered by score,
-        # so merges ranked by the resulting piece's id reproduce it.
-        ranked = []
-        for piece, pid in mergeable.items():
-            for cut in range(1, len(piece)):
-                left, right = piece[:cut], piece[cut:]
-                if left in mergeable and right in mergeable:
-                    ranked.append((pid, mergeable[left], mergeable[right], left, right))
-        ranked.sort()
-        model = models.BPE(vocab=vocab, merges=[(l, r) for *_, l, r in ranked], unk_token=unk,
-                           fuse_unk=True, byte_fallback=True)
-    elif spec["model_type"] == 1:  # unigram
-        vocab = [(p, -1e9 if i in unreachable else sp.get_score(i)) for i, p in enumerate(pieces)]
-        model = models.Unigram(vocab, unk_id=sp.unk_id(), byte_fallback=True)
+        # SentencePiece applies the merge whose result scores highest: rank merges by the result's score
+        merges = generate_merges(vocab, [(pieces[i], proto.pieces[i].score) for i in sorted(normal)],
+                                 skip_tokens=[p for i, p in enumerate(pieces) if i not in normal])
+        model = models.BPE(vocab=vocab, merges=merges, unk_token=pieces[spec.unk_id], fuse_unk=True,
+                           byte_fallback=spec.byte_fallback)
     else:
-        raise ValueError(f"{model_file}: only BPE and unigram SentencePiece models can be exported to HF")
+        vocab = [(p.piece, p.score if i in normal else -1e9) for i, p in enumerate(proto.pieces)]
+        model = models.Unigram(vocab, unk_id=spec.unk_id, byte_fallback=spec.byte_fallback)
 
-    backend = HFBackend(model)
+    # SentencePiece encodes the whole normalized text without splitting it first, so no pre-tokenizer: no
+    # piece spans a "▁" it was not trained across. The dummy prefix is a normalizer, not Metaspace's prepend,
+    # because Metaspace skips text that already starts with a space and SentencePiece does not.
+    backend = Backend(model)
     norm = []
-    if spec["charsmap"]:
-        norm.append(normalizers.Precompiled(spec["charsmap"]))
-    if spec["remove_extra_whitespaces"]:
+    if norm_spec.precompiled_charsmap:
+        norm.append(normalizers.Precompiled(norm_spec.precompiled_charsmap))
+    if norm_spec.remove_extra_whitespaces:
         norm += [normalizers.Strip(left=True, right=True), normalizers.Replace(Regex(" {2,}"), " ")]
-    if spec["add_dummy_prefix"]:
+    if norm_spec.add_dummy_prefix:
         norm.append(normalizers.Prepend("▁"))
-    norm.append(normalizers.Replace(" ", "▁"))
+    if norm_spec.escape_whitespaces:
+        norm.append(normalizers.Replace(" ", "▁"))
     backend.normalizer = normalizers.Sequence(norm)
-    # SentencePiece splits before every "▁" (a piece never spans a word boundary); prepending is done above
-    # because Metaspace's own prepend skips text that already starts with a space, SentencePiece does not.
-    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True)
     dec = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
-    if spec["add_dummy_prefix"]:
+    if norm_spec.add_dummy_prefix:
         dec.append(decoders.Strip(content=" ", left=1, right=0))
     backend.decoder = decoders.Sequence(dec)
     backend.add_special_tokens([AddedToken(pieces[i], special=True, normalized=False) for i in special])
-    bos = sp.bos_id()
-    if bos >= 0:  # Llama-like: tokenizer(text) starts with BOS, encode(..., add_special_tokens=False) does not
-        backend.post_processor = processors.TemplateProcessing(
-            single=f"{pieces[bos]} $A", pair=f"{pieces[bos]} $A {pieces[bos]} $B",
-            special_tokens=[(pieces[bos], bos)])
+    backend.add_tokens([AddedToken(pieces[i], special=pieces[i] in special_symbols, normalized=False) for i in user])
 
     def piece(i: int) -> str | None:
-        return pieces[i] if i >= 0 else None
+        return pieces[i] if 0 <= i < len(pieces) else None
 
+    bos = piece(spec.bos_id)
+    if bos is not None:  # Llama/Gemma-like: tokenizer(text) starts with bos, add_special_tokens=False does not
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, spec.bos_id)])
     return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token=piece(sp.bos_id()), eos_token=piece(sp.eos_id()),
-        unk_token=piece(sp.unk_id()), pad_token=piece(sp.pad_id()),
-        clean_up_tokenization_spaces=False,
-    )
+        tokenizer_object=backend, bos_token=bos, eos_token=piece(spec.eos_id), unk_token=piece(spec.unk_id),
+        pad_token=piece(spec.pad_id), clean_up_tokenization_spaces=False)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Command line: a tokenizer for a dataset of your own (the demo trains its own; kd-train never does)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    from .data import DataError, iter_records, to_example
+
+    ap = argparse.ArgumentParser(prog="python -m train.tokenizer",
+                                 description="Train a SentencePiece tokenizer on the texts of a dataset kd-train reads "
+                                             "(any record format) and save it with its HF files, for data.tokenizer.")
+    ap.add_argument("data", help="JSONL / JSON / parquet file or saved HF datasets dir")
+    ap.add_argument("out_dir")
+    ap.add_argument("--vocab-size", type=int, default=2048, help="upper bound on the pieces (default 2048)")
+    ap.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
+    args = ap.parse_args(argv)
+    if Path(args.out_dir).exists() and any(Path(args.out_dir).iterdir()):
+        print(f"error: {args.out_dir} is not empty; pick a new directory", file=sys.stderr)
+        return 2
+    try:
+        texts = (" ".join(text for text, _ in to_example(r, where=w).as_segments()) for w, r in iter_records(args.data))
+        path = train_sentencepiece(texts, args.out_dir, args.vocab_size, args.model_type)
+    except (DataError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    tok = load_tokenizer(path)
+    tok.save(args.out_dir)
+    print(f"{tok.vocab_size} pieces -> {args.out_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

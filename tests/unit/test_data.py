@@ -1,13 +1,15 @@
 """train.data: loading and format detection, prompt masking, truncation, packing, batches, exact resume."""
 import json
+import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from train.data import (ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT, IGNORE_INDEX, Collator, DataError, Example,
-                        PackedDataset, TokenizedDataset, detect_format, encode_prompt, iter_records,
+from train.data import (ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT, GSM8K_PROMPT, IGNORE_INDEX, Collator, DataError,
+                        Example, PackedDataset, TokenizedDataset, detect_format, encode_prompt, iter_records,
                         load_records, make_loader, shift_labels, to_example, tokenize_example)
 from train.demo_task import make_demo_records
 from train.tokenizer import load_tokenizer, train_sentencepiece
@@ -104,29 +106,36 @@ def test_parquet(tmp_path):
     assert load_records(tmp_path / "d.parquet", limit=1) == recs[:1]
 
 
+def test_file_named_parquet_that_is_not_parquet(tmp_path):
+    pytest.importorskip("pyarrow.parquet")
+    path = _write_jsonl(tmp_path / "renamed.parquet", [RECORDS["prompt_response"]])
+    with pytest.raises(DataError, match=r"renamed\.parquet is not a parquet file.*rename it"):
+        load_records(path)
+
+
 def test_saved_hf_dataset_dir(tmp_path):
-    pa = pytest.importorskip("pyarrow")
+    datasets = pytest.importorskip("datasets")
     recs = [RECORDS["prompt_response"], {"prompt": "x", "response": "y"}]
-
-    def save(d, rows):  # the layout datasets.save_to_disk writes: Arrow stream files listed in state.json
-        d.mkdir(parents=True)
-        table = pa.Table.from_pylist(rows)
-        with pa.OSFile(str(d / "data-00000-of-00001.arrow"), "wb") as sink:
-            with pa.ipc.new_stream(sink, table.schema) as writer:
-                writer.write_table(table)
-        (d / "state.json").write_text(json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}))
-        (d / "dataset_info.json").write_text("{}")
-
-    save(tmp_path / "single", recs)
+    datasets.Dataset.from_list(recs).save_to_disk(str(tmp_path / "single"))
     assert load_records(tmp_path / "single") == recs
-    save(tmp_path / "dd" / "train", recs)
-    save(tmp_path / "dd" / "test", recs[:1])
-    (tmp_path / "dd" / "dataset_dict.json").write_text(json.dumps({"splits": ["train", "test"]}))
+    assert load_records(tmp_path / "single", limit=1) == recs[:1]
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(recs),
+                          "test": datasets.Dataset.from_list(recs[:1])}).save_to_disk(str(tmp_path / "dd"))
+    assert load_records(tmp_path / "dd") == recs
     assert load_records(tmp_path / "dd", split="test") == recs[:1]
-    with pytest.raises(DataError, match="no split 'validation'.*'train', 'test'"):
+    with pytest.raises(DataError, match=r"no split 'validation'.*'train', 'test'"):
         load_records(tmp_path / "dd", split="validation")
-    with pytest.raises(DataError, match="not a saved HF dataset"):
-        load_records(tmp_path / "dd" / "..")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(DataError, match=r"plain is a directory but not a saved HF dataset"):
+        load_records(tmp_path / "plain")
+
+
+def test_saved_hf_dataset_dir_without_datasets_names_the_extra(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError
+    (tmp_path / "ds").mkdir()
+    with pytest.raises(DataError, match=r"ds is a directory.*needs the optional package datasets: "
+                                        r"pip install 'kd-stack\[data\]'"):
+        load_records(tmp_path / "ds")
 
 
 @pytest.mark.skipif(GSM8K is None, reason="shared/data/gsm8k not present")
@@ -144,6 +153,14 @@ def test_bad_json_line_names_file_and_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"prompt": "a", "response": "b"}\n\n{"prompt": "a", "response": \n')
     with pytest.raises(DataError, match=r"bad\.jsonl line 3: not valid JSON.*fix or delete"):
+        load_records(path)
+    # the column is the column in that line: 29 is just past "...response": (the value is missing), and the
+    # stray comma of the second line is its 16th character
+    path.write_text('{"prompt": "a", "response": \n')
+    with pytest.raises(DataError, match=r"line 1: not valid JSON \(Expecting value at column 29\)"):
+        load_records(path)
+    path.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a",, "response": "b"}\n')
+    with pytest.raises(DataError, match=r"line 2: not valid JSON \(Expecting property name .* at column 16\)"):
         load_records(path)
     path.write_text('{"prompt": "a", "response": "b"}\n[1, 2]\n')
     with pytest.raises(DataError, match=r"bad\.jsonl line 2: expected a JSON object, got list"):
@@ -253,10 +270,53 @@ def test_chat_with_tokenizer_template(tok, tmp_path):
     assert t.input_ids.count(hf.bos_id) == 1 and t.input_ids[0] == hf.bos_id  # template's bos not doubled
     assert _trained(t.input_ids, t.labels) == hf.encode("3\n") + hf.encode("4\n") + [hf.eos_id]
 
-    # single-turn formats can be wrapped in the template on request
-    ex = to_example(RECORDS["prompt_response"], hf, use_chat_template=True)
-    assert ex.prompt == "### user:\nAdd: 2 + 3\nAnswer:\n### assistant:\n" and ex.response == "5\n"
-    assert not to_example(RECORDS["prompt_response"], hf).from_template
+    # chat_template=false: the plain form even though the tokenizer has a template
+    plain = to_example(rec, hf, chat_template="false")
+    assert not plain.from_template and plain.prompt.startswith("User: Add: 1 + 2\nAssistant:3\nUser:")
+
+
+@pytest.mark.parametrize("mode", ["auto", "true", "false", True, False])
+@pytest.mark.parametrize("fmt", ["gsm8k", "prompt_response"])
+def test_single_turn_records_through_the_chat_template(tok, tmp_path, mode, fmt):
+    hf = _hf_with_template(tok, tmp_path / "t", "{{ bos_token }}" + CHAT_TEMPLATE)
+    rec = RECORDS[fmt]
+    prompt = GSM8K_PROMPT.format(question=rec["question"]) if fmt == "gsm8k" else rec["prompt"]
+    response = rec["answer"] if fmt == "gsm8k" else rec["response"]
+    templated = mode in ("auto", "true", True)
+    if templated:  # a user turn holding the format's prompt, the response as the assistant's reply
+        prompt, response = f"### user:\n{prompt}\n### assistant:\n", response + "\n"
+    ds = TokenizedDataset([rec], hf, 256, chat_template=mode)
+    ex, ids, labels = ds.examples[0], ds[0]["input_ids"].tolist(), ds[0]["labels"].tolist()
+    assert (ex.prompt, ex.response, ex.from_template, ex.fmt) == (prompt, response, templated, fmt)
+    n_prompt = 1 + len(hf.encode(prompt))  # bos + the prompt part, nothing else masked
+    assert ids == [hf.bos_id] + hf.encode(prompt) + hf.encode(response) + [hf.eos_id]
+    assert labels == [IGNORE_INDEX] * n_prompt + ids[n_prompt:]
+    # what an evaluator generates from is exactly the untrained prefix, from the Example or its prompt text
+    assert encode_prompt(ex, hf) == encode_prompt(ex.prompt, hf) == ids[:n_prompt]
+
+
+def test_chat_template_true_needs_a_template(tok, tmp_path):
+    with pytest.raises(DataError, match=r"data\.chat_template=true but the tokenizer \(sentencepiece:.*"
+                                        r"tokenizer\.model\) has no chat template; set data\.chat_template=false"):
+        TokenizedDataset([RECORDS["gsm8k"]], tok, 64, chat_template="true")
+    with pytest.raises(DataError, match="data.chat_template=true but the tokenizer"):
+        to_example(RECORDS["chat"], tok, chat_template="true")
+    assert not to_example(RECORDS["chat"], tok).from_template  # auto: plain without a template
+    with pytest.raises(DataError, match=r"data\.chat_template='yes' is not one of auto, true, false"):
+        TokenizedDataset([RECORDS["gsm8k"]], tok, 64, chat_template="yes")
+
+
+def test_chat_records_encode_prompt_agrees_in_every_mode(tok, tmp_path):
+    hf = _hf_with_template(tok, tmp_path / "t", CHAT_TEMPLATE)
+    rec = {"messages": [{"role": "user", "content": "Add: 1 + 2"}, {"role": "assistant", "content": "3"},
+                        {"role": "user", "content": "Add: 2 + 2"}, {"role": "assistant", "content": "4"}]}
+    for mode in ("auto", "false"):
+        ex = to_example(rec, hf, chat_template=mode)
+        t = tokenize_example(ex, hf, 256)
+        prompt_ids = encode_prompt(ex, hf)
+        assert t.input_ids[:len(prompt_ids)] == prompt_ids and t.labels[len(prompt_ids) - 1] == IGNORE_INDEX
+        assert _trained(t.input_ids[len(prompt_ids):], t.labels[len(prompt_ids):]) == \
+            hf.encode(ex.response) + [hf.eos_id]
 
 
 def test_chat_template_without_stable_prefixes_trains_final_turn(tok, tmp_path):
@@ -397,10 +457,14 @@ def test_loader_ranks_and_state_checks(tok):
     seen = [{tuple(row.tolist()) for b in _take(ld, 5) for row in b["input_ids"]} for ld in loaders]
     assert not seen[0] & seen[1]  # the ranks see disjoint examples within an epoch
     state = loaders[0].state_dict()
-    assert state["epoch"] == 0 and state["batch_in_epoch"] == 5
-    other = make_loader(ds, batch_size=4, rank=0, world_size=1, seed=1)
-    with pytest.raises(DataError, match="world_size: saved 2 vs now 1"):
-        other.load_state_dict(state)
+    assert state["epoch"] == 0 and state["consumed"] == 40  # 5 batches of 4 on each of 2 ranks
+    for change in (dict(seed=2), dict(drop_last=False)):
+        other = make_loader(ds, batch_size=4, rank=0, world_size=2, **{"seed": 1, **change})
+        key = next(iter(change))
+        with pytest.raises(DataError, match=f"setup changed \\({key}: saved {state[key]} vs now {change[key]}\\)"):
+            other.load_state_dict(state)
+    with pytest.raises(DataError, match="num_samples: saved 40 vs now 39"):
+        make_loader(_demo_dataset(tok, n=39), batch_size=4, world_size=2, seed=1).load_state_dict(state)
     same_on_other_rank = make_loader(ds, batch_size=4, rank=1, world_size=2, seed=1)
     same_on_other_rank.load_state_dict(state)  # rank 0's state is valid on every rank
     assert same_on_other_rank.state_dict() == loaders[1].state_dict()
@@ -428,6 +492,10 @@ def test_uneven_eval_counts_every_example_once(tok):
                 if (labels != IGNORE_INDEX).any():
                     trained.append(tuple(ids[ids != tok.pad_id].tolist()))
     assert sorted(trained) == sorted(tuple(it["input_ids"].tolist()) for it in ds.items)
+    # the end of the epoch is saved as all 10 examples consumed, not the 12 slots 3 ranks went through
+    done = make_loader(ds, batch_size=3, rank=0, world_size=3, drop_last=False)
+    list(done)
+    assert done.state_dict()["consumed"] == 10
 
 
 def test_iter_records_locations(tmp_path):
@@ -441,3 +509,72 @@ def test_small_eval_set_smaller_than_one_global_batch(tok):
     assert [len(b) for b in per_rank] == [1, 1]        # equal batch counts: ZeRO-3 ranks stay in step
     counted = sum(int((b["labels"] != IGNORE_INDEX).any(-1).sum()) for bs in per_rank for b in bs)
     assert counted == 3
+
+
+def _numbered(n):
+    """Examples whose first token is their index + 10, to follow them through the loaders."""
+    return [{"input_ids": np.array([i + 10, 1], dtype=np.int32), "labels": np.array([i + 10, 1], dtype=np.int32)}
+            for i in range(n)]
+
+
+def _indices(loader, batches):
+    return [int(i) - 10 for b in _take(loader, batches) for i in b["input_ids"][:, 0]]
+
+
+@pytest.mark.parametrize("k", [2, 8])  # batches taken: in the first epoch, in the second
+def test_loader_resumes_at_another_world_size(k):
+    ds = _numbered(48)
+    old = [make_loader(ds, 4, rank, 2, seed=3, pad_id=0) for rank in range(2)]
+    per_epoch = len(old[0])
+    assert per_epoch == 6
+    for ld in old:
+        _take(ld, k)
+    state = json.loads(json.dumps(old[0].state_dict()))
+    assert state == old[1].state_dict()
+    assert (state["epoch"], state["consumed"]) == (k // per_epoch, (k % per_epoch) * 8)
+    left = per_epoch - k % per_epoch
+    rest = Counter(i for ld in old for i in _indices(ld, left))  # the uninterrupted run, to the epoch's end
+    assert len(rest) == sum(rest.values()) == 48 - state["consumed"]
+    for world, batch in ((1, 8), (4, 2)):  # the same global batch on 1 and on 4 ranks
+        new = [make_loader(ds, batch, rank, world, seed=3, pad_id=0) for rank in range(world)]
+        for ld in new:
+            ld.load_state_dict(state)
+        assert Counter(i for ld in new for i in _indices(ld, left)) == rest  # none lost, none repeated
+        assert all((ld.epoch, ld.batch_in_epoch) == (state["epoch"], per_epoch) for ld in new)  # epoch used up
+    three = make_loader(ds, 4, 0, 3, seed=3, pad_id=0)
+    with pytest.raises(DataError, match=rf"{state['consumed']} samples of epoch {state['epoch']} were consumed "
+                                        r"\(saved with world_size=2 x batch_size=4\), which is not a multiple of "
+                                        r"world_size=3 x batch_size=4 = 12 now"):
+        three.load_state_dict(state)
+
+
+def test_loader_resume_at_an_epoch_end_needs_no_common_divisor():
+    ds = _numbered(48)
+    old = make_loader(ds, 4, 0, 2, seed=3, pad_id=0)
+    _take(old, len(old))
+    state = old.state_dict()
+    assert state["consumed"] == 48
+    five = make_loader(ds, 2, 0, 5, seed=3, pad_id=0)  # 10 per global batch does not divide 48, but nothing is left
+    five.load_state_dict(state)
+    fresh = make_loader(ds, 2, 0, 5, seed=3, pad_id=0)
+    _take(fresh, len(fresh))
+    assert _same(_take(five, 3), _take(fresh, 3))  # straight into epoch 1
+    ds = _numbered(50)                         # 2 x 4 uses 48 of 50 per epoch
+    old = make_loader(ds, 4, 0, 2, seed=3, pad_id=0)
+    _take(old, len(old))
+    assert old.state_dict()["consumed"] == 48
+    four = make_loader(ds, 5, 0, 4, seed=3, pad_id=0)      # 20 per global batch: 2 per epoch, none left after 48
+    four.load_state_dict(old.state_dict())
+    fresh = make_loader(ds, 5, 0, 4, seed=3, pad_id=0)
+    _take(fresh, len(fresh))
+    assert _same(_take(four, 2), _take(fresh, 2))
+
+
+def test_loader_reads_a_state_saved_per_rank_batches():
+    # the format before positions were global: batches per rank, with the saving run's world and batch size
+    ds = _numbered(48)
+    legacy = {"epoch": 1, "batch_in_epoch": 2, "world_size": 2, "batch_size": 4, "seed": 3, "num_samples": 48,
+              "drop_last": True}
+    one = make_loader(ds, 8, 0, 1, seed=3, pad_id=0)
+    one.load_state_dict(legacy)
+    assert (one.epoch, one.batch_in_epoch, one.state_dict()["consumed"]) == (1, 2, 16)

@@ -1,10 +1,11 @@
 """train.tokenizer: deterministic SentencePiece training, the uniform interface, HF export and loading."""
+import json
 import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from train.demo_task import make_demo_records
-from train.tokenizer import (HFTokenizer, SentencePieceTokenizer, load_tokenizer, tokenizers_match,
-                             train_sentencepiece)
+from train.tokenizer import (HFTokenizer, SentencePieceTokenizer, load_tokenizer, sentencepiece_to_hf,
+                             tokenizers_match, train_sentencepiece)
 
 CHAT_TEMPLATE = ("{% for m in messages %}### {{ m['role'] }}:\n{{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}### assistant:\n{% endif %}")
@@ -74,6 +75,24 @@ def test_hf_export_encodes_like_sentencepiece(corpus, tmp_path, model_type):
     assert tokenizers_match(sp, reloaded)[0]
 
 
+def test_hf_export_user_defined_symbols(corpus, tmp_path):
+    sp = load_tokenizer(train_sentencepiece(corpus, tmp_path, vocab_size=400, user_defined_symbols=["<sep>"]))
+    sep = sp.sp.piece_to_id("<sep>")
+    plain = sentencepiece_to_hf(sp.model_file)  # an added token, matched in text and kept by decode, like SP
+    ids = plain.encode("Add: 1 + 2<sep>", add_special_tokens=False)
+    assert ids == sp.encode("Add: 1 + 2<sep>") and ids[-1] == sep
+    assert plain.decode(ids, skip_special_tokens=True) == sp.decode(ids) == "Add: 1 + 2<sep>"
+    marked = sentencepiece_to_hf(sp.model_file, special_symbols=["<sep>"])  # e.g. Gemma's turn markers
+    assert marked.encode("Add: 1 + 2<sep>", add_special_tokens=False) == ids
+    assert marked.decode(ids, skip_special_tokens=True) == "Add: 1 + 2"
+
+
+def test_hf_export_refuses_a_file_that_is_not_a_model(tmp_path):
+    (tmp_path / "tokenizer.model").write_text("just some text\n")
+    with pytest.raises(ValueError, match=r"tokenizer\.model is not a SentencePiece model"):
+        sentencepiece_to_hf(tmp_path / "tokenizer.model")
+
+
 def test_load_paths(sp_path, tmp_path):
     assert isinstance(load_tokenizer(sp_path), SentencePieceTokenizer)  # the .model file
     assert isinstance(load_tokenizer(sp_path.parent), SentencePieceTokenizer)  # dir with only tokenizer.model
@@ -125,3 +144,16 @@ def test_tokenizers_match_refuses_different_vocabularies(corpus, sp_path, tmp_pa
     smaller = train_sentencepiece(corpus, tmp_path / "s", vocab_size=340)
     ok, reason = tokenizers_match(sp_path, smaller)
     assert not ok and "sizes differ" in reason and "share one tokenizer" in reason
+
+
+def test_command_line_trains_on_any_record_format(tmp_path, capsys):
+    from train.tokenizer import main
+    data = tmp_path / "gsm8k.jsonl"
+    data.write_text("".join(json.dumps({"question": f"What is {i} plus {i}?", "answer": f"{i} + {i} = {2 * i}\n#### {2 * i}"})
+                            + "\n" for i in range(200)))
+    assert main([str(data), str(tmp_path / "tok"), "--vocab-size", "300"]) == 0
+    tok = load_tokenizer(tmp_path / "tok")
+    assert 261 < tok.vocab_size <= 300 and tok.decode(tok.encode("What is 7 plus 7?")) == "What is 7 plus 7?"
+    assert (tmp_path / "tok" / "tokenizer.json").is_file()             # HF files: usable as data.tokenizer
+    assert main([str(data), str(tmp_path / "tok")]) == 2                # never over an existing tokenizer
+    assert "not empty" in capsys.readouterr().err
