@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="dir with consolidated.NN.pth, params.json, tokenizer.model")
     p.add_argument("out_dir")
     p.add_argument("--rope-factor", type=float, help="override the llama3 rope scaling factor (8, or 32 for 3.2 1B/3B)")
-    p.add_argument("--instruct", action="store_true", help="instruct model: <|eom_id|>/<|eot_id|> also end generation")
+    p.add_argument("--instruct", action="store_true",
+                   help="instruct model: Llama 3 chat template, <|eom_id|>/<|eot_id|> also end generation")
     _add_out_opts(p)
 
     p = sub.add_parser("hf-to-meta-llama3", help="HF Llama -> Meta's original format")
@@ -56,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir")
     p.add_argument("--config", help="gemma2-2b | gemma2-9b | gemma2-27b | path to a JSON config "
                                     "(default: SRC_DIR/params.json)")
+    p.add_argument("--instruct", action="store_true",
+                   help="instruction-tuned model: Gemma-2 chat template, <end_of_turn> also ends generation")
     _add_out_opts(p)
 
     p = sub.add_parser("hf-to-gemma2", help="HF Gemma2 -> gemma_pytorch model.ckpt + params.json")
@@ -109,7 +112,7 @@ def run(args) -> tuple[dict, int]:
         from tools.adapters.gemma2 import GemmaPytorchSource
         from tools.io import write_hf_checkpoint
 
-        src = GemmaPytorchSource(args.src, args.config)
+        src = GemmaPytorchSource(args.src, args.config, instruct=args.instruct)
         return write_hf_checkpoint(src, args.out_dir, parse_dtype(args.dtype), args.max_shard_size,
                                    args.overwrite), 0
     if args.command == "hf-to-gemma2":

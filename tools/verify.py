@@ -91,13 +91,15 @@ def load_any(path, gemma_config=None, dtype=torch.float32):
 
 
 def compare_logits(a: torch.Tensor, b: torch.Tensor) -> dict:
-    """Max/mean abs diff and top-1 agreement over the vocabulary rows both models have."""
-    vocab = min(a.shape[-1], b.shape[-1])
+    """Max/mean abs diff and top-1 agreement over the vocabulary rows both models have; `vocab_a`
+    and `vocab_b` are each model's own logit width, `compared_vocab` the shared one."""
+    vocab_a, vocab_b = a.shape[-1], b.shape[-1]
+    vocab = min(vocab_a, vocab_b)
     a, b = a[..., :vocab].float(), b[..., :vocab].float()
     diff = (a - b).abs()
     return {"max_abs_diff": diff.max().item(), "mean_abs_diff": diff.mean().item(),
             "top1_agreement": (a.argmax(-1) == b.argmax(-1)).float().mean().item(), "compared_vocab": vocab,
-            "vocab_a": a.shape[-1], "vocab_b": b.shape[-1]}
+            "vocab_a": vocab_a, "vocab_b": vocab_b}
 
 
 def verify(a, b, prompt=None, tokens=None, tol=1e-3, min_top1=1.0, gemma_config_a=None, gemma_config_b=None,

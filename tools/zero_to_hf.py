@@ -38,6 +38,7 @@ from tools.io import copy_tokenizer_files, expected_hf_shapes, torch_load
 
 # deepspeed.checkpoint.constants; spelled out so that planning does not import deepspeed itself
 OPTIM, FLAT, STAGE, PARTITIONS = "optimizer_state_dict", "fp32_flat_groups", "zero_stage", "partition_count"
+COMPLETE = "COMPLETE"  # train/checkpoint.py's marker of a finished save (not imported: tools do not need train)
 _RANK_RE = re.compile(r"zero_pp_rank_(\d+)_mp_rank_(\d+)_(model|optim)_states\.pt\Z")
 
 
@@ -61,22 +62,48 @@ def resolve_checkpoint(ckpt_dir: str | Path, tag: str | None) -> tuple[Path, Pat
     if not root.is_dir():
         raise ConvertError(f"checkpoint directory {root} does not exist")
     if any(root.glob("*_model_states.pt")) and tag is None:
-        return root.parent, root
-    if tag is None:
-        latest = root / "latest"
-        if not latest.is_file():
-            tags = sorted(p.name for p in root.iterdir() if p.is_dir() and any(p.glob("*_model_states.pt")))
-            raise ConvertError(f"no 'latest' file in {root}; pass --tag (available: {', '.join(tags) or 'none'})")
-        tag = latest.read_text().strip()
-    tag_dir = root / tag
-    if not tag_dir.is_dir():
-        raise ConvertError(f"checkpoint tag directory {tag_dir} does not exist")
-    # The training stack marks finished saves with COMPLETE; where siblings have it, its absence
-    # means this save was interrupted.
-    if not (tag_dir / "COMPLETE").is_file() and any((p / "COMPLETE").is_file() for p in root.iterdir() if p.is_dir()):
-        raise ConvertError(f"checkpoint {tag_dir} has no COMPLETE marker: its save was interrupted; pick another "
-                           "--tag")
+        root, tag_dir = root.parent, root
+    else:
+        if tag is None:
+            latest = root / "latest"
+            if not latest.is_file():
+                tags = sorted(p.name for p in root.iterdir() if p.is_dir() and any(p.glob("*_model_states.pt")))
+                raise ConvertError(f"no 'latest' file in {root}; pass --tag (available: {', '.join(tags) or 'none'})")
+            tag = latest.read_text().strip()
+        tag_dir = root / tag
+        if not tag_dir.is_dir():
+            raise ConvertError(f"checkpoint tag directory {tag_dir} does not exist")
+    _require_complete(root, tag_dir)
     return root, tag_dir
+
+
+def _require_complete(root: Path, tag_dir: Path) -> None:
+    """Refuse a save of the training stack that never got its COMPLETE marker (written only after
+    every rank finished its files, train/checkpoint.py). A tag dir is the stack's when a sibling
+    has the marker or it holds the stack's per-rank trainer_state files; plain DeepSpeed
+    checkpoints have neither and are taken as they are."""
+    if (tag_dir / COMPLETE).is_file():
+        return
+    complete = sorted(p.name for p in root.iterdir() if _marked(p))
+    if not complete and not any(tag_dir.glob("trainer_state_rank*.pt")):
+        return
+    earlier = [t for t in complete if t < tag_dir.name]  # the stack's tags (step_00000040) sort by step
+    if earlier:
+        hint = f"convert the previous complete checkpoint instead: {root / earlier[-1]}"
+    elif complete:
+        hint = f"complete checkpoints of this run: {', '.join(complete)}"
+    else:
+        hint = f"{root} holds no complete checkpoint yet: let the run finish a save (or rerun it) and convert that"
+    raise ConvertError(f"checkpoint {tag_dir} has no {COMPLETE} marker: the training stack writes it only after "
+                       f"every rank finished saving, so this save was interrupted and its files may be partial; "
+                       f"{hint}")
+
+
+def _marked(path: Path) -> bool:
+    try:
+        return (path / COMPLETE).is_file()
+    except OSError:  # an unreadable neighbour: a tag dir given directly may sit in any directory (/tmp)
+        return False
 
 
 def find_config_dir(root: Path, tag_dir: Path, config_dir: str | Path | None) -> Path:

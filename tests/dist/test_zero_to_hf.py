@@ -32,7 +32,7 @@ def _worker(out: Path) -> None:
     from transformers import AutoModelForCausalLM, GenerationConfig
     from transformers.integrations import HfDeepSpeedConfig
 
-    from tools.testing import gemma2_config, llama_config, write_gemma_spm
+    from tests.convert_fixtures import gemma2_config, llama_config, write_gemma_spm
     from train.parallel import init_distributed
 
     init_distributed()
@@ -212,6 +212,10 @@ def test_bf16_output_and_tag(runs, tmp_path):
     ref = _reference(ckpt)
     assert all(sd[n].dtype == torch.bfloat16 and torch.equal(sd[n], ref[n].to(torch.bfloat16)) for n in sd)
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["dtype"] == "bfloat16"
+    # the tag dir given directly: a plain DeepSpeed checkpoint (no COMPLETE marker anywhere) converts the same
+    assert _convert([ckpt / "global_step2", tmp_path / "direct", "--dtype", "bf16"]) == 0
+    direct = tmp_path / "direct" / "model.safetensors"
+    assert direct.read_bytes() == (tmp_path / "hf" / "model.safetensors").read_bytes()
 
 
 def test_streamed_tensors_are_plain(runs):
@@ -278,6 +282,12 @@ def test_bad_checkpoints(runs, tmp_path, capsys):
     (marked / "global_step3" / "COMPLETE").unlink()
     assert _convert([marked, tmp_path / "z", "--tag", "global_step3"]) == 2
     assert "COMPLETE" in capsys.readouterr().err and not (tmp_path / "z").exists()
+    # given directly, the interrupted tag dir is refused just the same, pointing at the complete one before it
+    assert _convert([marked / "global_step3", tmp_path / "z"]) == 2
+    err = capsys.readouterr().err
+    assert f"checkpoint {marked / 'global_step3'} has no COMPLETE marker" in err
+    assert f"previous complete checkpoint instead: {marked / 'global_step2'}" in err and not (tmp_path / "z").exists()
+    assert _convert([marked / "global_step2", tmp_path / "z2"]) == 0
     assert _convert([marked, tmp_path / "z"]) == 0  # 'latest' names the complete global_step2
 
 

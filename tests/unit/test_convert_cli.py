@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.convert_fixtures import gemma2_config, hf_state, llama_config, logits, random_model, write_gemma_spm
 from tools.convert import main
 from tools.errors import ConvertError
 from tools.io import ShardedSafetensorsWriter, atomic_output_dir, parse_size
-from tools.testing import gemma2_config, hf_state, llama_config, logits, random_model, write_gemma_spm
 
 TOKENS = [2, 7, 19, 250, 31, 4, 88, 120]
 
@@ -185,6 +185,42 @@ def test_dtype_option(meta2, tmp_path):
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["dtype"] == "bfloat16"
 
 
+# ------------------------------------------------------------------------- zero-to-hf: which tag
+
+def _fake_tags(run: Path, tags: dict[str, tuple[str, ...]]) -> Path:
+    """Tag dirs holding empty files of the given names: enough to resolve a checkpoint (nothing is loaded)."""
+    for tag, names in tags.items():
+        (run / tag).mkdir(parents=True)
+        for name in ("zero_pp_rank_0_mp_rank_00_model_states.pt", *names):
+            (run / tag / name).touch()
+    return run
+
+
+def test_zero_to_hf_refuses_an_interrupted_save_however_named(tmp_path, capsys):
+    from tools.zero_to_hf import resolve_checkpoint
+
+    # the training stack's layout: step 6 was killed mid-save (trainer state written, no COMPLETE)
+    run = _fake_tags(tmp_path / "run", {"step_00000002": ("COMPLETE",), "step_00000004": ("COMPLETE",),
+                                        "step_00000006": ("trainer_state_rank0.pt",)})
+    (run / "latest").write_text("step_00000004")
+    for args in ([str(run / "step_00000006")], [str(run), "--tag", "step_00000006"]):
+        assert main(["zero-to-hf", *args, str(tmp_path / "out")]) == 2
+        err = _err(capsys)
+        assert f"checkpoint {run / 'step_00000006'} has no COMPLETE marker" in err
+        assert f"previous complete checkpoint instead: {run / 'step_00000004'}" in err
+        assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+    assert resolve_checkpoint(run / "step_00000004", None) == (run, run / "step_00000004")
+    assert resolve_checkpoint(run, None) == (run, run / "step_00000004")
+    # the run's first save interrupted: no complete sibling, but the stack's trainer state gives it away
+    first = _fake_tags(tmp_path / "first", {"step_00000002": ("trainer_state_rank0.pt", "trainer_state_rank1.pt")})
+    with pytest.raises(ConvertError, match="no COMPLETE marker.*holds no complete checkpoint yet"):
+        resolve_checkpoint(first / "step_00000002", None)
+    # plain DeepSpeed checkpoints never have the marker: taken as they are, however the tag is given
+    plain = _fake_tags(tmp_path / "plain", {"global_step2": (), "global_step4": ()})
+    assert resolve_checkpoint(plain / "global_step2", None) == (plain, plain / "global_step2")
+    assert resolve_checkpoint(plain, "global_step4") == (plain, plain / "global_step4")
+
+
 # ----------------------------------------------------------------------------------------- verify
 
 def test_verify_passes_on_conversions_and_fails_on_changes(llama_hf, meta2, tmp_path, capsys):
@@ -204,6 +240,21 @@ def test_verify_passes_on_conversions_and_fails_on_changes(llama_hf, meta2, tmp_
                  "--min-top1", "0"]) == 0
 
 
+def test_verify_reports_each_vocab_size(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    big = random_model(llama_config(vocab_size=400))
+    big.save_pretrained(tmp_path / "big")
+    small = AutoModelForCausalLM.from_config(llama_config(vocab_size=304))  # big's first 304 rows
+    small.load_state_dict({k: v[:304] if k in ("model.embed_tokens.weight", "lm_head.weight") else v
+                           for k, v in big.state_dict().items()})
+    small.save_pretrained(tmp_path / "small")
+    assert main(["--json", "verify", str(tmp_path / "big"), str(tmp_path / "small"), "--tol", "1e-5"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["vocab_a"], result["vocab_b"], result["compared_vocab"]) == (400, 304, 304)
+    assert result["max_abs_diff"] <= 1e-5 and result["top1_agreement"] == 1.0
+
+
 def test_verify_gemma_release_against_hf(tmp_path, capsys):
     model = random_model(gemma2_config())
     model.save_pretrained(tmp_path / "hf")
@@ -220,7 +271,6 @@ def test_verify_gemma_release_against_hf(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def spm_tokenizer(tmp_path_factory):
-    pytest.importorskip("google.protobuf")  # transformers' SentencePiece converter reads the proto
     from transformers import GemmaTokenizer
 
     d = tmp_path_factory.mktemp("tok")

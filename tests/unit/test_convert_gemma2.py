@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
+from tests.convert_fixtures import corpus, gemma2_config, hf_state, logits, random_model, write_gemma_spm
 from tools.adapters.gemma2 import PRESETS, hf_config_from_params
 from tools.convert import main
-from tools.testing import corpus, gemma2_config, hf_state, logits, random_model, write_gemma_spm
 
 # gemma_pytorch-style config of the tiny model (sliding window 4 < sequence length, so it matters)
 PARAMS = {"vocab_size": 300, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
@@ -115,12 +115,12 @@ def test_gemma2_to_hf_matches_reference_forward(google_dir, tmp_path):
 
 
 def test_gemma_tokenizer_matches_sentencepiece(google_dir, tmp_path):
-    pytest.importorskip("google.protobuf")  # transformers' SentencePiece converter reads the proto
     import sentencepiece as spm
     from transformers import AutoTokenizer
 
     assert main(["gemma2-to-hf", str(google_dir), str(tmp_path / "hf"), "--config", str(google_dir / "gemma_config.json")]) == 0
     tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert tok.chat_template is None  # a base model: only --instruct writes one
     sp = spm.SentencePieceProcessor(model_file=str(google_dir / "tokenizer.model"))
     assert len(tok) == sp.get_piece_size() == PARAMS["vocab_size"]
     assert (tok.pad_token_id, tok.eos_token_id, tok.bos_token_id) == (0, 1, 2)
@@ -128,6 +128,52 @@ def test_gemma_tokenizer_matches_sentencepiece(google_dir, tmp_path):
         ids = tok(text)["input_ids"]
         assert ids == [2] + sp.encode(text), text
     assert (tmp_path / "hf" / "tokenizer.model").read_bytes() == (google_dir / "tokenizer.model").read_bytes()
+
+
+CHAT = [{"role": "user", "content": "What is the capital of France?"}, {"role": "assistant", "content": "Paris."}]
+CHAT_PROMPT = "<bos><start_of_turn>user\nWhat is the capital of France?<end_of_turn>\n<start_of_turn>model\n"
+CHAT_FULL = CHAT_PROMPT + "Paris.<end_of_turn>\n"
+
+
+def test_instruct_writes_gemma2_chat_template(tmp_path, capsys):
+    import jinja2
+    from transformers import AutoTokenizer, GenerationConfig
+
+    src = tmp_path / "release"
+    src.mkdir()
+    torch.save({"model_state_dict": random_gemma_state()}, src / "model.ckpt")
+    (src / "params.json").write_text(json.dumps(PARAMS))
+    write_gemma_spm(src / "tokenizer.model", turn_tokens=True)
+    assert main(["--json", "gemma2-to-hf", str(src), str(tmp_path / "hf"), "--instruct"]) == 0
+    assert json.loads(capsys.readouterr().out)["chat_template"] is True
+    tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+
+    def render(messages, gen=False):
+        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+
+    assert render(CHAT) == CHAT_FULL
+    # the training stack takes what follows the prompt (with the generation prompt) as the reply
+    assert render(CHAT[:-1], True) == CHAT_PROMPT and CHAT_FULL.startswith(CHAT_PROMPT)
+    # Gemma-2 has no system role: a leading system message opens the first user turn
+    system = [{"role": "system", "content": "Be brief."}]
+    assert render(system + CHAT) == CHAT_FULL.replace("user\n", "user\nBe brief.\n\n")
+    assert render(system + CHAT[:-1], True) == CHAT_PROMPT.replace("user\n", "user\nBe brief.\n\n")
+    with pytest.raises(jinja2.TemplateError, match="can only come first"):
+        render(CHAT + system)
+    with pytest.raises(jinja2.TemplateError, match="no system role"):
+        render(system, True)
+    # the markup is the turn tokens, one id each, and the reply ends with <end_of_turn>
+    ids = tok(CHAT_FULL, add_special_tokens=False)["input_ids"]
+    start, end = tok.convert_tokens_to_ids(["<start_of_turn>", "<end_of_turn>"])
+    assert ids[0] == tok.bos_token_id and (ids.count(start), ids.count(end)) == (2, 2)
+    assert GenerationConfig.from_pretrained(tmp_path / "hf").eos_token_id == [tok.eos_token_id, end]
+
+
+def test_instruct_needs_the_turn_tokens(google_dir, tmp_path, capsys):
+    assert main(["gemma2-to-hf", str(google_dir), str(tmp_path / "hf"), "--config",
+                 str(google_dir / "gemma_config.json"), "--instruct"]) == 2
+    err = capsys.readouterr().err
+    assert "<start_of_turn>" in err and str(google_dir / "tokenizer.model") in err and not (tmp_path / "hf").exists()
 
 
 def test_hf_gemma_hf_round_trip_exact(tmp_path):

@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
+from tests.convert_fixtures import (LLAMA3_PATTERN, corpus, hf_state, llama_config, logits, random_model,
+                                    train_tiktoken_ranks, write_tiktoken_file)
 from tools.adapters.llama import (LLAMA32_SMALL, hf_config_from_params, rope_to_hf, rope_to_meta,
                                   tiktoken_file_from_hf)
 from tools.convert import main
-from tools.testing import (LLAMA3_PATTERN, corpus, hf_state, llama_config, logits, random_model,
-                           train_tiktoken_ranks, write_tiktoken_file)
 
 DIM, LAYERS, HEADS, KV, FFN, VOCAB = 64, 2, 4, 2, 96, 304
 PARAMS = {"dim": DIM, "n_layers": LAYERS, "n_heads": HEADS, "n_kv_heads": KV, "vocab_size": VOCAB,
@@ -217,18 +217,25 @@ def test_rope_permutation_is_inverse():
     assert not torch.equal(rope_to_hf(w, 8), w)
 
 
-def test_tokenizer_conversion_matches_tiktoken(tmp_path, meta_dir):
-    tiktoken = pytest.importorskip("tiktoken")
-    from transformers import AutoTokenizer
-
-    ranks = train_tiktoken_ranks("\n".join(corpus(300)), VOCAB - 256 - 8)  # 8 ids left for special tokens
-    src = tmp_path / "src"
+def _with_tiktoken(meta_dir, src, specials):
+    """A copy of the Meta release with a tiny tiktoken tokenizer.model leaving `specials` ids of the
+    embedding for special tokens."""
+    ranks = train_tiktoken_ranks("\n".join(corpus(300)), VOCAB - 256 - specials)
     src.mkdir()
     for f in meta_dir.iterdir():
         (src / f.name).symlink_to(f)
     write_tiktoken_file(src / "tokenizer.model", ranks)
+    return src, ranks
+
+
+def test_tokenizer_conversion_matches_tiktoken(tmp_path, meta_dir):
+    tiktoken = pytest.importorskip("tiktoken")
+    from transformers import AutoTokenizer
+
+    src, ranks = _with_tiktoken(meta_dir, tmp_path / "src", specials=8)
     assert main(["meta-llama3-to-hf", str(src), str(tmp_path / "hf")]) == 0
     tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert tok.chat_template is None  # a base model: only --instruct writes one
     enc = tiktoken.Encoding("tiny", pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks, special_tokens={})
     assert len(tok) == VOCAB
     assert tok.convert_ids_to_tokens(len(ranks)) == "<|begin_of_text|>" == tok.bos_token
@@ -242,3 +249,62 @@ def test_tokenizer_conversion_matches_tiktoken(tmp_path, meta_dir):
     assert tiktoken_file_from_hf(tmp_path / "hf" / "tokenizer.json") == (src / "tokenizer.model").read_text()
     assert main(["hf-to-meta-llama3", str(tmp_path / "hf"), str(tmp_path / "meta")]) == 0
     assert (tmp_path / "meta" / "tokenizer.model").read_bytes() == (src / "tokenizer.model").read_bytes()
+
+
+# ------------------------------------------------------------------------------------ chat template
+
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is the capital of France?"},
+        {"role": "assistant", "content": "Paris."}]
+CHAT_PROMPT = ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
+               "<|start_header_id|>user<|end_header_id|>\n\nWhat is the capital of France?<|eot_id|>"
+               "<|start_header_id|>assistant<|end_header_id|>\n\n")
+CHAT_FULL = CHAT_PROMPT + "Paris.<|eot_id|>"
+
+
+def _check_llama3_chat(render):
+    """render(messages, add_generation_prompt) -> text. The prompt with the generation prompt must be a
+    prefix of the whole conversation: the training stack takes what follows it as the reply."""
+    assert render(CHAT, False) == CHAT_FULL
+    assert render(CHAT[:-1], True) == CHAT_PROMPT and CHAT_FULL.startswith(CHAT_PROMPT)
+    assert render(CHAT[1:], False) == CHAT_FULL.replace("<|start_header_id|>system<|end_header_id|>\n\nBe brief."
+                                                        "<|eot_id|>", "")
+
+
+def test_llama3_chat_template_renders_header_format():
+    # the template itself, without tiktoken (the conversion test below needs it)
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    from tools.adapters.llama import LLAMA3_CHAT_TEMPLATE
+
+    _check_llama3_chat(lambda messages, gen: render_jinja_template(
+        conversations=[messages], chat_template=LLAMA3_CHAT_TEMPLATE, add_generation_prompt=gen)[0][0])
+
+
+def test_instruct_writes_llama3_chat_template(tmp_path, meta_dir, capsys):
+    pytest.importorskip("tiktoken")
+    from transformers import AutoTokenizer, GenerationConfig
+
+    src, ranks = _with_tiktoken(meta_dir, tmp_path / "src", specials=12)  # up to <|python_tag|> and one reserved
+    assert main(["--json", "meta-llama3-to-hf", str(src), str(tmp_path / "hf"), "--instruct"]) == 0
+    assert json.loads(capsys.readouterr().out)["chat_template"] is True
+    tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    _check_llama3_chat(lambda messages, gen: tok.apply_chat_template(messages, tokenize=False,
+                                                                     add_generation_prompt=gen))
+    # the markup is the special tokens, one id each, and <|begin_of_text|> appears once
+    ids = tok(CHAT_FULL, add_special_tokens=False)["input_ids"]
+    header, eot = tok.convert_tokens_to_ids(["<|start_header_id|>", "<|eot_id|>"])
+    assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
+    assert (ids.count(header), ids.count(eot), ids[-1]) == (3, 3, eot)
+    n = len(ranks)  # <|eom_id|> and <|eot_id|> are the 9th and 10th special tokens
+    assert GenerationConfig.from_pretrained(tmp_path / "hf").eos_token_id == [n + 1, n + 8, n + 9]
+    # a turn ends with <|eot_id|>: training on the template adds no <|end_of_text|> after a reply
+    assert tok.eos_token == "<|eot_id|>"
+
+
+def test_instruct_needs_the_chat_tokens(tmp_path, meta_dir, capsys):
+    pytest.importorskip("tiktoken")
+
+    src, _ = _with_tiktoken(meta_dir, tmp_path / "src", specials=8)  # stops before <|eot_id|>
+    assert main(["meta-llama3-to-hf", str(src), str(tmp_path / "hf"), "--instruct"]) == 2
+    err = capsys.readouterr().err
+    assert "<|eot_id|>" in err and str(src / "tokenizer.model") in err and not (tmp_path / "hf").exists()

@@ -16,14 +16,13 @@ What differs between the two formats, and what does not:
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 
 import torch
 
 from tools.adapters import Adapter, Rule, open_hf_source
 from tools.errors import ConvertError
-from tools.io import (atomic_output_dir, has_module, parse_dtype, torch_load,
+from tools.io import (atomic_output_dir, parse_dtype, torch_load,
                       validate_stream)
 
 
@@ -70,6 +69,37 @@ PRESETS = {
                    "query_pre_attn_scalar": 144},
 }
 LAYER_TYPES = {"LOCAL_SLIDING": "sliding_attention", "GLOBAL": "full_attention"}
+
+# Gemma-2 instruct prompt format (Google's Gemma prompt formatting docs): <bos>, then per turn
+# <start_of_turn>ROLE\n + content + <end_of_turn>\n, ROLE being `user` or `model` (the assistant);
+# the generation prompt opens a model turn. Gemma-2 has no system role and Google's advice is to put
+# system instructions in the first user turn: a leading system message is prepended to it,
+# separated by a blank line; a system message anywhere else, or one without a user turn after it,
+# is an error. Contents are stripped of surrounding whitespace, as in the Llama 3 template.
+GEMMA2_CHAT_TEMPLATE = (
+    "{%- set system = '' -%}"
+    "{%- set turns = messages -%}"
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- set system = (messages[0]['content'] | trim) + '\\n\\n' -%}"
+    "{%- set turns = messages[1:] -%}"
+    "{%- if not turns or turns[0]['role'] != 'user' -%}"
+    "{{- raise_exception('Gemma-2 has no system role: the system message is prepended to the first user "
+    "message, so a user message must follow it') -}}"
+    "{%- endif -%}"
+    "{%- endif -%}"
+    "{{- '<bos>' -}}"
+    "{%- for message in turns -%}"
+    "{%- if message['role'] == 'user' -%}{%- set role = 'user' -%}"
+    "{%- elif message['role'] in ('assistant', 'model') -%}{%- set role = 'model' -%}"
+    "{%- else -%}{{- raise_exception('Gemma-2 turns are user or assistant (model); got role ' + message['role'] + "
+    "' (a system message can only come first)') -}}"
+    "{%- endif -%}"
+    "{{- '<start_of_turn>' + role + '\\n' + (system if loop.first else '') + message['content'] | trim"
+    " + '<end_of_turn>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<start_of_turn>model\\n' -}}{%- endif -%}"
+)
+TURN_TOKENS = ("<bos>", "<start_of_turn>", "<end_of_turn>")
 
 
 def load_params(config: str | Path | None, src_dir: Path) -> dict:
@@ -173,7 +203,7 @@ class GemmaPytorchSource:
 
     family = "gemma2"
 
-    def __init__(self, src: str | Path, config: str | Path | None = None):
+    def __init__(self, src: str | Path, config: str | Path | None = None, instruct: bool = False):
         self.path = _find_ckpt(Path(src))
         self.dir = self.path.parent
         ckpt = torch_load(self.path)
@@ -186,7 +216,10 @@ class GemmaPytorchSource:
             raise ConvertError(f"{self.path} is an int8-quantized release ('{scaled[0]}'); use the bf16/fp32 one")
         self.state = state
         self.config = hf_config_from_params(load_params(config, self.dir), state)
-        self.report = {}
+        self.instruct = instruct
+        # converted once: both generation_config() and save_extras() need the instruct tokenizer
+        self._chat_tokenizer = self._instruct_tokenizer() if instruct else None
+        self.report = {"chat_template": self._chat_tokenizer is not None} if instruct else {}
 
     def tensors(self, dtype=None, budget_bytes=None):
         return ADAPTER.to_hf(list(self.state), self.state.__getitem__, self.config, lambda n: str(self.path))
@@ -195,21 +228,41 @@ class GemmaPytorchSource:
         path = self.dir / "tokenizer.model"
         if not path.is_file():
             return None
-        if not has_module("google.protobuf"):
-            warnings.warn("protobuf is not installed: tokenizer.model copied as-is, not converted "
-                          "(pip install 'kd-stack[convert]')")
-            return None
-        from transformers import GemmaTokenizer
+        from train.tokenizer import sentencepiece_to_hf
 
-        try:  # the SentencePiece -> tokenizers conversion transformers applies to a tokenizer.model
-            return GemmaTokenizer(**GemmaTokenizer.convert_to_native_format(vocab_file=str(path)), add_bos_token=True)
-        except Exception as e:  # sentencepiece/protobuf missing or not an SPM file
+        try:  # the turn markers are user-defined symbols; special, as in Google's own HF release
+            return sentencepiece_to_hf(path, special_symbols=("<start_of_turn>", "<end_of_turn>"))
+        except ValueError as e:  # not a SentencePiece model, or a kind the conversion does not handle
             raise ConvertError(f"cannot convert {path} to an HF Gemma tokenizer: {e}") from None
+
+    def _instruct_tokenizer(self):
+        """The converted tokenizer carrying the Gemma-2 chat template (None without a tokenizer)."""
+        tok = self.load_tokenizer()
+        if tok is None:
+            return None
+        lacking = [t for t in TURN_TOKENS if t not in tok.get_vocab()]
+        if lacking:
+            raise ConvertError(f"--instruct: {self.dir / 'tokenizer.model'} has no {', '.join(lacking)}, so the "
+                               "Gemma-2 chat format cannot be written (Google's Gemma-2 tokenizers have them: is "
+                               "this one of them?); drop --instruct to convert without a chat template")
+        tok.chat_template = GEMMA2_CHAT_TEMPLATE
+        return tok
+
+    def generation_config(self):
+        if self._chat_tokenizer is None:
+            return None  # the default one, from the model config
+        from transformers import GenerationConfig
+
+        gen = GenerationConfig.from_model_config(self.config)
+        eos = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
+        end_of_turn = self._chat_tokenizer.convert_tokens_to_ids("<end_of_turn>")
+        gen.eos_token_id = [i for i in eos if i is not None] + [end_of_turn]  # instruct replies end with it
+        return gen
 
     def save_extras(self, out: Path) -> list[str]:
         if not (self.dir / "tokenizer.model").is_file():
             return []
-        tok = self.load_tokenizer()
+        tok = self._chat_tokenizer if self.instruct else self.load_tokenizer()
         if tok is not None:
             tok.save_pretrained(out)
         if not (out / "tokenizer.model").is_file():  # keep the SentencePiece model for the way back

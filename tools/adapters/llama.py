@@ -75,6 +75,19 @@ SPECIAL_31 = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_
 SPECIAL_30 = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
               "<|reserved_special_token_1|>", "<|reserved_special_token_2|>", "<|reserved_special_token_3|>",
               "<|start_header_id|>", "<|end_header_id|>", "<|reserved_special_token_4|>", "<|eot_id|>"]
+# Llama 3 instruct prompt format (Meta's model card and reference ChatFormat): <|begin_of_text|>,
+# then per message a header naming its role (system, user, assistant...), a blank line, the content
+# stripped of surrounding whitespace (Meta's encoder strips it) and <|eot_id|>; the generation
+# prompt is an open assistant header. No tool calls, no Llama 3.1 date preamble.
+LLAMA3_CHAT_TEMPLATE = (
+    "{{- '<|begin_of_text|>' -}}"
+    "{%- for message in messages -%}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim"
+    " + '<|eot_id|>' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}{%- endif -%}"
+)
+CHAT_TOKENS = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
 
 
 def mp_dim(name: str, shard_shape: tuple[int, ...] | None = None, dim: int | None = None) -> int | None:
@@ -272,13 +285,27 @@ class MetaLlamaSource:
         self.instruct = instruct
         self._tokenizer = False  # not converted yet
         tok = self.load_tokenizer()
+        if instruct and tok is not None:
+            lacking = [t for t in CHAT_TOKENS if t not in tok.get_vocab()]
+            if lacking:
+                raise ConvertError(f"--instruct: the tokenizer converted from {self.src / 'tokenizer.model'} has no "
+                                   f"{', '.join(lacking)} (its {len(tok)} ids leave too few special tokens after the "
+                                   "BPE), so the Llama 3 chat format cannot be written; drop --instruct to convert "
+                                   "without a chat template")
+            tok.chat_template = LLAMA3_CHAT_TEMPLATE
         if tok is not None and tok.bos_token is not None:
             self.config.bos_token_id = tok.bos_token_id
             self.config.eos_token_id = self._eos_ids(tok)
+            if instruct:
+                # as Meta's instruct release: a turn ends with <|eot_id|>, so training on the chat
+                # template adds no <|end_of_text|> after it
+                tok.eos_token = "<|eot_id|>"
         elif vocab == 128256:  # the released Llama 3 vocabulary, tokenizer not converted
             self.config.bos_token_id = 128000
             self.config.eos_token_id = [128001, 128008, 128009] if instruct else 128001
         self.report = {"shards": len(self.paths), "tied_embeddings": self.tied}
+        if instruct:
+            self.report["chat_template"] = tok is not None
 
     def _check_shard_count(self):
         name = "layers.0.attention.wq.weight"

@@ -1,4 +1,4 @@
-"""Tiny random models and original-format fixtures for the kd-convert tests (and quick experiments)."""
+"""Tiny random models and original-format fixtures for the kd-convert tests (tests/unit and tests/dist)."""
 
 from __future__ import annotations
 
@@ -82,16 +82,17 @@ def write_tiktoken_file(path: Path, ranks: dict[bytes, int]) -> None:
                                                                                         key=lambda kv: kv[1])))
 
 
-def write_gemma_spm(path: Path, vocab_size: int = 300, seed: int = 0) -> None:
+def write_gemma_spm(path: Path, vocab_size: int = 300, seed: int = 0, turn_tokens: bool = False) -> None:
     """A SentencePiece model trained like Gemma's: <pad>=0 <eos>=1 <bos>=2 <unk>=3 <mask>=4, byte fallback,
-    no dummy prefix, whitespace kept."""
+    no dummy prefix, whitespace kept; `turn_tokens` adds the instruct format's <start_of_turn>/<end_of_turn>."""
     import sentencepiece as spm
 
     buf = io.BytesIO()
+    symbols = ["<mask>"] + (["<start_of_turn>", "<end_of_turn>"] if turn_tokens else [])
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(corpus(400, seed)), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
         pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>",
-        unk_piece="<unk>", user_defined_symbols=["<mask>"], byte_fallback=True, add_dummy_prefix=False,
+        unk_piece="<unk>", user_defined_symbols=symbols, byte_fallback=True, add_dummy_prefix=False,
         remove_extra_whitespaces=False, normalization_rule_name="identity", split_digits=True,
         allow_whitespace_only_pieces=True, character_coverage=1.0, minloglevel=2)
     path.write_bytes(buf.getvalue())
