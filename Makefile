@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: demo test test-unit test-dist bench clean
+.PHONY: demo demo-spread test test-unit test-dist bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -17,6 +17,10 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/python -m train
+
+# the demo's students for three seeds, and the spread of their figures (runs/demo/spread.md)
+demo-spread: $(STAMP)
+	$(BIN)/python -m train.demo --seeds 0 1 2
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

@@ -82,7 +82,7 @@ def worker(args) -> None:
 
     loader = data.make_loader(Random(), 1, sp.dp_rank, sp.dp_world, pad_id=0, pad_to_multiple_of=sp.pad_to_multiple_of)
     student = engines.build_student(cfg, ds_config(cfg, "student", world), VOCAB, sp)
-    teacher = engines.build_teacher(cfg, ds_config(cfg, "teacher", world), sp)
+    teacher = engines.build_teacher(cfg, ds_config(cfg, "teacher", world), VOCAB, sp)
     times, step_mb, peak_mb = [], [], []
     for step in range(args.steps):
         dist.barrier()

@@ -1,1 +1,1 @@
-"""train: DeepSpeed orchestration (the training stack arrives with its own issue)."""
+"""train: the DeepSpeed training stack behind kd-train (engines, data, the step, checkpoints, evaluation)."""

@@ -1,27 +1,41 @@
-"""Save and resume everything that moves: engine weights, optimizer and LR schedule (DeepSpeed),
-loader position and RNG (per rank), step counters. A checkpoint is complete or absent.
+"""Save and resume everything that moves: engine weights and optimizer (DeepSpeed), loader position
+and RNG (per rank), step counters and the run's settings. A checkpoint is complete or absent.
 
 Layout under ``runs/<run>/checkpoints/``::
 
-    step_00000040/     DeepSpeed files + trainer_state_rank{r}.pt + COMPLETE
+    step_00000040/     DeepSpeed files + trainer_state_rank{r}.pt + config.yaml + COMPLETE
     latest             the tag of the newest complete checkpoint, replaced atomically
     hf_meta/           config.json, generation_config.json, tokenizer files (for kd-convert)
 
-``latest`` moves only after every rank has written its files and rank 0 has marked the directory
-``COMPLETE``, so a run killed mid-save resumes from the previous checkpoint.
+``COMPLETE`` is written by rank 0 after every rank has written its files; it holds a manifest (every
+file's size, the world size, whether the run was healthy when it saved), so a truncated file is
+found before DeepSpeed reads it. ``latest`` moves only after that, so a run killed mid-save resumes
+from the previous checkpoint. Pruning (``train.keep_checkpoints``) never removes the newest healthy
+checkpoint (one saved after a finite step), and removes the directories of interrupted saves.
+
+Another world size: DeepSpeed's universal checkpoint (``ds_to_universal``) is made from the tag
+once, into ``<tag>/universal``, and the student loads it; the loader continues from the same global
+sample; per-rank RNG streams cannot be mapped and restart from the seed.
 """
 from __future__ import annotations
 
+import io
+import json
 import os
 import random
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from kd.reduce import all_reduce_values
+
 COMPLETE = "COMPLETE"
+UNIVERSAL = "universal"
 
 
 class CheckpointError(RuntimeError):
@@ -30,6 +44,10 @@ class CheckpointError(RuntimeError):
 
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
+
+
+def step_of(tag: str) -> int:
+    return int(tag.split("_")[-1])
 
 
 def _barrier():
@@ -41,7 +59,15 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _group():
+    return dist.group.WORLD if dist.is_initialized() else None
+
+
+def write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "wb") as f:
         f.write(data)
@@ -65,88 +91,246 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _step_of(tag: str) -> int:
-    return int(tag.split("_")[-1])
+# ---------------------------------------------------------------------------------------------
+# What is on disk
+
+def manifest(tag_dir: Path) -> dict | None:
+    """The COMPLETE marker's contents; None when the save was interrupted."""
+    marker = tag_dir / COMPLETE
+    if not marker.is_file():
+        return None
+    text = marker.read_text()
+    return json.loads(text) if text.strip() else {"files": {}}
 
 
 def complete_tags(ckpt_dir: Path) -> list[str]:
     """Complete checkpoints, oldest first."""
     if not ckpt_dir.is_dir():
         return []
-    return sorted(p.name for p in ckpt_dir.iterdir() if (p / COMPLETE).is_file())
+    return sorted(p.name for p in ckpt_dir.iterdir() if p.name.startswith("step_") and (p / COMPLETE).is_file())
 
 
-def save(engine, ckpt_dir: Path, step: int, trainer_state: dict, rank_state: dict, keep: int) -> str:
-    """Collective: every rank calls it. Returns the tag written."""
-    tag = tag_for(step)
-    tag_dir = ckpt_dir / tag
-    if _rank() == 0 and tag_dir.exists():
-        # an interrupted save of this step, or one from an abandoned longer run: never mix files
-        (tag_dir / COMPLETE).unlink(missing_ok=True)
-        shutil.rmtree(tag_dir)
-    _barrier()
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"trainer": trainer_state}, save_latest=False)
-    buf = _serialize({**rank_state, "rng": rng_state()})
-    _write_atomic(tag_dir / f"trainer_state_rank{_rank()}.pt", buf)
-    if os.environ.get("KD_FAULT") == f"kill-during-save:{step}" and _rank() == 0:
-        os.kill(os.getpid(), 9)   # fault injection for tests: die with files written, not yet COMPLETE
-    _barrier()
-    if _rank() == 0:
-        _write_atomic(tag_dir / COMPLETE, b"")
-        _write_atomic(ckpt_dir / "latest", tag.encode())
-        tags = complete_tags(ckpt_dir)
-        stale = [t for t in tags if _step_of(t) > step]          # a future this run abandoned
-        older = [t for t in tags if _step_of(t) <= step]
-        for old in stale + older[:-keep]:
-            shutil.rmtree(ckpt_dir / old, ignore_errors=True)
-    _barrier()
-    return tag
+def damage(tag_dir: Path) -> str | None:
+    """What is wrong with a complete checkpoint's files (missing or another size than written)."""
+    for name, size in (manifest(tag_dir) or {}).get("files", {}).items():
+        path = tag_dir / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != size:
+            return f"{path} has {path.stat().st_size} bytes, {size} were written"
+    return None
 
 
-def _serialize(obj) -> bytes:
-    import io
-    b = io.BytesIO()
-    torch.save(obj, b)
-    return b.getvalue()
+def world_size_of(tag_dir: Path) -> int:
+    return len(list(tag_dir.glob("trainer_state_rank*.pt")))
 
 
-def find(resume: str, ckpt_dir: Path) -> tuple[Path, str] | None:
-    """Where to resume from: ``auto`` (newest complete checkpoint of this run, or None), ``none``,
-    or a path to a checkpoints directory or one tag directory inside it."""
+def _previous(ckpt_dir: Path, tag: str) -> str | None:
+    older = [t for t in complete_tags(ckpt_dir) if t < tag and damage(ckpt_dir / t) is None]
+    return older[-1] if older else None
+
+
+def find(resume: str, ckpt_dir: Path, warn=print) -> tuple[Path, str] | None:
+    """Where to resume from: ``auto`` (the newest undamaged complete checkpoint of this run, or
+    None), ``none``, or a path to a checkpoints directory or one tag directory inside it. A damaged
+    checkpoint is skipped by ``auto`` (``warn`` says so) and refused when named explicitly."""
     if resume == "none":
         return None
     if resume == "auto":
-        latest = ckpt_dir / "latest"
-        if latest.is_file():
-            tag = latest.read_text().strip()
-            if (ckpt_dir / tag / COMPLETE).is_file():
-                return ckpt_dir, tag
         tags = complete_tags(ckpt_dir)
-        return (ckpt_dir, tags[-1]) if tags else None
+        latest = ckpt_dir / "latest"
+        if latest.is_file() and latest.read_text().strip() in tags:   # normally the newest
+            tags.remove(latest.read_text().strip())
+            tags.append(latest.read_text().strip())
+        for tag in reversed(tags):
+            why = damage(ckpt_dir / tag)
+            if why is None:
+                return ckpt_dir, tag
+            warn(f"checkpoint {ckpt_dir / tag} is damaged ({why}); trying the one before it")
+        return None
     p = Path(resume)
+    if p.is_dir() and not (p / COMPLETE).is_file() and complete_tags(p):
+        found = find("auto", p, warn)
+        if found:
+            return found
     if (p / COMPLETE).is_file():
-        return p.parent, p.name
-    if p.is_dir() and complete_tags(p):
-        return find("auto", p)
+        why = damage(p)
+        if why is None:
+            return p.parent, p.name
+        prev = _previous(p.parent, p.name)
+        raise CheckpointError(
+            f"resume={resume}: this checkpoint is damaged ({why}). "
+            + (f"Resume from the previous complete one instead: resume={p.parent / prev}." if prev else
+               "There is no earlier complete checkpoint beside it; start afresh with resume=none and a new run_name."))
     raise CheckpointError(
         f"resume={resume!r}: no complete checkpoint there (a complete one is a directory holding a "
         f"{COMPLETE} marker, e.g. {ckpt_dir / tag_for(100)}). Use resume=auto to continue this run "
         "from its newest checkpoint, or resume=none to start fresh.")
 
 
-def load(engine, ckpt_dir: Path, tag: str) -> tuple[dict, dict]:
-    """Restore the engine in place; returns (trainer_state, this rank's state) and restores RNG."""
-    rank_file = ckpt_dir / tag / f"trainer_state_rank{_rank()}.pt"
-    missing = torch.tensor(float(not rank_file.is_file()), device=engine.device)
-    if dist.is_initialized():
-        dist.all_reduce(missing)    # every rank raises together, rank 0 included (it prints)
-    if missing.item():
-        raise CheckpointError(f"{ckpt_dir / tag} has no trainer state for some ranks: it was written by a "
-                              "run with a different number of ranks; resume with the same parallel.nproc")
-    _, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
-                                       load_lr_scheduler_states=True)
+def run_outputs(run_dir: Path) -> list[str]:
+    """What an earlier run left in ``run_dir`` that a fresh run would overwrite."""
+    names = ["checkpoints", "metrics.jsonl", "student-hf"]
+    return [n for n in names if (run_dir / n).exists() and not (n == "checkpoints" and not _has_steps(run_dir / n))]
+
+
+def _has_steps(ckpt_dir: Path) -> bool:
+    return any(p.name.startswith("step_") for p in ckpt_dir.iterdir())
+
+
+def check_fresh_start(cfg, found) -> None:
+    """A run that does not continue from its own checkpoints must not write over an earlier run's
+    outputs: refuse, naming the three ways forward. ``overwrite=true`` moves the earlier run aside
+    (rank 0 only; nothing is deleted)."""
+    run_dir = cfg.run_dir
+    continuing = found is not None and Path(found[0]).resolve() == (run_dir / "checkpoints").resolve()
+    outputs = run_outputs(run_dir)
+    if continuing or not outputs:
+        return
+    if cfg.overwrite:
+        return
+    raise CheckpointError(
+        f"{run_dir} already holds an earlier run ({', '.join(outputs)}), and this run would overwrite its "
+        "metrics and prune its checkpoints. Continue it with resume=auto, pick another run_name=..., or pass "
+        "overwrite=true to start afresh (the earlier run is then moved aside to a sibling directory, not deleted).")
+
+
+def move_aside(run_dir: Path) -> Path:
+    """``overwrite=true``: the earlier run's directory goes to ``<run_dir>.replaced-N`` (rank 0)."""
+    n = 1
+    while run_dir.with_name(f"{run_dir.name}.replaced-{n}").exists():
+        n += 1
+    dest = run_dir.with_name(f"{run_dir.name}.replaced-{n}")
+    os.replace(run_dir, dest)
+    return dest
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving
+
+def _where(path: Path) -> str:
+    """``the filesystem at MOUNT (DEVICE)`` holding ``path``, for messages about space."""
+    path = path.resolve()
+    best = ("/", "?")
+    try:
+        for line in Path("/proc/mounts").read_text().splitlines():
+            device, mount = line.split()[:2]
+            if (path == Path(mount) or Path(mount) in path.parents) and len(mount) >= len(best[0]):
+                best = (mount, device)
+    except OSError:
+        pass
+    return f"{best[1]} (mounted at {best[0]})"
+
+
+def _check_space(ckpt_dir: Path, need: int, device) -> None:
+    """Collective: refuse to start a save that cannot fit on any rank's filesystem."""
+    free = shutil.disk_usage(ckpt_dir).free
+    short, = all_reduce_values([float(max(0, need - free))], _group(), "max", device)
+    if short > 0:
+        raise CheckpointError(
+            f"no space left on {_where(ckpt_dir)} at {ckpt_dir}: the next checkpoint needs about "
+            f"{need / 1e6:,.0f} MB and {free / 1e6:,.0f} MB are free (on the fullest rank {short / 1e6:,.0f} MB are "
+            "missing). Nothing was written: the previous checkpoint and 'latest' are intact. Free space, lower "
+            "train.keep_checkpoints, or resume with output_dir on a larger filesystem.")
+
+
+def save(engine, ckpt_dir: Path, step: int, trainer_state: dict, rank_state: dict, keep: int,
+         config_yaml: str, healthy: bool) -> str:
+    """Collective: every rank calls it. Returns the tag written."""
+    tag = tag_for(step)
+    tag_dir = ckpt_dir / tag
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    previous = complete_tags(ckpt_dir)
+    # the previous checkpoint's size, or for the first one fp32 weights + Adam's two moments + a
+    # 16-bit copy of every parameter (ranks write their shares to one shared filesystem)
+    need = sum((manifest(ckpt_dir / previous[-1]) or {}).get("files", {}).values()) if previous else 16 * sum(
+        getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
+    _check_space(ckpt_dir, int(need * 1.05), engine.device)
+    if _rank() == 0 and tag_dir.exists():
+        # an interrupted save of this step, or one from an abandoned longer run: never mix files
+        (tag_dir / COMPLETE).unlink(missing_ok=True)
+        shutil.rmtree(tag_dir)
+    _barrier()
+    try:
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"trainer": trainer_state}, save_latest=False)
+        write_atomic(tag_dir / f"trainer_state_rank{_rank()}.pt", _serialize({**rank_state, "rng": rng_state()}))
+    except (OSError, RuntimeError) as e:
+        raise CheckpointError(
+            f"saving checkpoint {tag_dir} failed on rank {_rank()}: {str(e).splitlines()[0] if str(e) else type(e).__name__}. "
+            f"{shutil.disk_usage(ckpt_dir).free / 1e6:,.0f} MB are free on {_where(ckpt_dir)}. The previous checkpoint "
+            f"and 'latest' are intact ({ckpt_dir / 'latest'}); {tag_dir} is incomplete and is never resumed from.") from None
+    if os.environ.get("KD_FAULT") == f"kill-during-save:{step}" and _rank() == 0:
+        os.kill(os.getpid(), 9)   # fault injection for tests: die with files written, not yet COMPLETE
+    _barrier()
+    if _rank() == 0:
+        (tag_dir / "config.yaml").write_text(config_yaml)
+        files = {str(f.relative_to(tag_dir)): f.stat().st_size for f in sorted(tag_dir.rglob("*")) if f.is_file()}
+        info = {"step": step, "world_size": _world(),
+                "healthy": healthy, "files": files}
+        write_atomic(tag_dir / COMPLETE, json.dumps(info, indent=1).encode())
+        write_atomic(ckpt_dir / "latest", tag.encode())
+        _prune(ckpt_dir, step, keep)
+    _barrier()
+    return tag
+
+
+def _prune(ckpt_dir: Path, step: int, keep: int) -> None:
+    """Rank 0, after ``step`` was saved: drop complete checkpoints beyond the newest ``keep`` (never
+    the newest healthy one), those of an abandoned future (steps past ``step``: this run resumed from
+    an earlier one), and interrupted saves (saves are collective and in order: none is in progress)."""
+    tags = complete_tags(ckpt_dir)
+    older = [t for t in tags if step_of(t) <= step]
+    healthy = [t for t in older if (manifest(ckpt_dir / t) or {}).get("healthy", True)]
+    kept = set(older[-keep:]) | set(healthy[-1:])
+    doomed = [t for t in tags if step_of(t) > step or t not in kept]
+    doomed += [p.name for p in ckpt_dir.iterdir() if p.name.startswith("step_") and p.is_dir() and p.name not in tags]
+    for tag in doomed:
+        shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+
+
+def _serialize(obj) -> bytes:
+    b = io.BytesIO()
+    torch.save(obj, b)
+    return b.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+def universal_tag(ckpt_dir: Path, tag: str) -> str:
+    """Rank 0 (the others wait): DeepSpeed's universal form of ``tag`` in ``<tag>/universal``, made
+    once with DeepSpeed's own converter; the tag to load it with."""
+    out = ckpt_dir / tag / UNIVERSAL
+    if _rank() == 0 and not (out / COMPLETE).is_file():
+        shutil.rmtree(out, ignore_errors=True)
+        proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                               str(ckpt_dir / tag), "--output_folder", str(out), "--num_extract_workers", "1",
+                               "--num_merge_workers", "1"], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise CheckpointError(f"DeepSpeed could not convert {ckpt_dir / tag} to a universal checkpoint for "
+                                  f"another world size:\n{proc.stderr[-2000:]}\nResume with the same number of ranks "
+                                  f"({world_size_of(ckpt_dir / tag)}).")
+        write_atomic(out / COMPLETE, b"")
+    _barrier()
+    return f"{tag}/{UNIVERSAL}"
+
+
+def load(engine, ckpt_dir: Path, tag: str, universal: bool) -> tuple[dict, dict | None]:
+    """Restore the engine in place; returns (trainer_state, this rank's state or None at another
+    world size) and restores this rank's RNG."""
+    tag_dir = ckpt_dir / tag
+    try:
+        _, client = engine.load_checkpoint(str(ckpt_dir), tag=universal_tag(ckpt_dir, tag) if universal else tag,
+                                           load_optimizer_states=True, load_lr_scheduler_states=False)
+        rank_state = None if universal else torch.load(tag_dir / f"trainer_state_rank{_rank()}.pt", weights_only=False)
+    except (OSError, RuntimeError, EOFError, KeyError, ValueError) as e:
+        prev = _previous(ckpt_dir, tag)
+        raise CheckpointError(
+            f"cannot read checkpoint {tag_dir} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
+            + (f"Resume from the previous complete checkpoint with resume={ckpt_dir / prev}." if prev else
+               "There is no earlier complete checkpoint; start afresh with a new run_name.")) from None
     if client is None:
-        raise CheckpointError(f"DeepSpeed could not load {ckpt_dir / tag}")
-    rank_state = torch.load(rank_file, weights_only=False)
-    set_rng_state(rank_state.pop("rng"))
+        raise CheckpointError(f"DeepSpeed found no checkpoint to load in {tag_dir}")
+    if rank_state is not None:
+        set_rng_state(rank_state.pop("rng"))
     return client["trainer"], rank_state

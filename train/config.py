@@ -40,7 +40,7 @@ from kd import METHODS, build_objective
 
 __all__ = ["ConfigError", "Config", "ModelConfig", "TrainConfig", "LossConfig", "DataConfig",
            "ParallelConfig", "load_config", "config_from_dict", "dump_yaml", "ds_config",
-           "resolve_dtype", "DS_CONFIG_DIR"]
+           "resolve_dtype", "torch_dtype", "DS_CONFIG_DIR"]
 
 DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
 _DEFAULT = "the defaults"                        # source of a value nobody set
@@ -119,6 +119,8 @@ class DataConfig:
     pack: bool = False
     eval_samples: int = _opt(200, ge=0)
     max_new_tokens: int = _opt(32, ge=0)
+    # render every record through the tokenizer's chat template: auto = when the tokenizer has one
+    chat_template: str = _opt("auto", choices=("auto", "true", "false"))
 
 
 @dataclass(kw_only=True)
@@ -137,6 +139,7 @@ class Config:
     run_name: str = "run"                         # the run lives in <output_dir>/<run_name>/
     output_dir: str = "runs"
     resume: str = _opt("none", words=("auto", "none"), expect="'auto', 'none' or a checkpoint path")
+    overwrite: bool = False                       # start afresh where a run already wrote outputs
     model: ModelConfig
     train: TrainConfig = _opt(factory=TrainConfig)
     loss: LossConfig = _opt(factory=LossConfig)
@@ -243,6 +246,8 @@ def _coerce(key: str, value: Any, where: str) -> Any:
         if out is None:
             raise bad(" Write numbers like 1.0e-5 or 0.0003.")
     elif base is str:
+        if isinstance(value, bool) and "true" in checks.get("choices", ()):
+            value = str(value).lower()               # YAML reads a bare true/false as a bool
         if not isinstance(value, str) or not value.strip():
             quote = value is not None and not isinstance(value, str)
             raise bad(" Quote values that YAML would read as another type." if quote else "")
@@ -499,12 +504,16 @@ def _plain(x: Any) -> Any:
 
 
 def dump_yaml(config: Config, path: str | Path) -> Path:
-    """Write the resolved config (e.g. to runs/<run>/config.yaml); ``load_config`` reads it back equal."""
+    """Write the resolved config (e.g. to runs/<run>/config.yaml); ``load_config`` reads it back equal,
+    except ``overwrite``, written false."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = yaml.safe_dump(config.to_dict(), sort_keys=False, default_flow_style=None)
-    path.write_text("# Resolved kd-train configuration: defaults, recipe and overrides.\n"
-                    f"# Rerun with: kd-train {path}\n" + text, encoding="utf-8")
+    tree = config.to_dict()
+    tree["overwrite"] = False        # an action of the run that started, not a setting to repeat
+    text = yaml.safe_dump(tree, sort_keys=False, default_flow_style=None)
+    path.write_text("# Resolved kd-train configuration: defaults, recipe and overrides, as this run used them.\n"
+                    f"# Continue this run: kd-train {path} resume=auto\n"
+                    f"# A new run with these settings: kd-train {path} run_name=NEW_NAME\n" + text, encoding="utf-8")
     return path
 
 
@@ -514,8 +523,8 @@ def dump_yaml(config: Config, path: str | Path) -> Path:
 def resolve_dtype(dtype: str, device: str | None = None) -> str:
     """``auto`` is bf16 on an accelerator and fp32 on CPU; explicit choices pass through.
 
-    Without ``device``, the same test as ``train.models.resolve_dtype`` (CUDA with bf16 support), so
-    the DeepSpeed precision always matches the dtype the weights are loaded in.
+    Without ``device``: bf16 where CUDA supports it. The one rule for both the dtype the weights are
+    loaded in (``torch_dtype``) and the DeepSpeed precision (``ds_config``), so they always agree.
     """
     if dtype != "auto":
         return dtype
@@ -525,20 +534,30 @@ def resolve_dtype(dtype: str, device: str | None = None) -> str:
     return "fp32" if device == "cpu" else "bf16"
 
 
+def torch_dtype(dtype: str):
+    """The torch dtype of ``model.dtype`` (after ``resolve_dtype``)."""
+    import torch
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[resolve_dtype(dtype)]
+
+
 # Dynamic loss scaling for an fp16 student, unless the JSON file sets its own.
 _FP16_LOSS_SCALING = {"loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
                       "hysteresis": 2, "min_loss_scale": 1}
 
 
-def ds_config(config: Config, role: str, world_size: int, *, device: str | None = None) -> dict:
+def ds_config(config: Config, role: str, world_size: int, *, device: str | None = None,
+              load_universal: bool = False) -> dict:
     """The DeepSpeed config dict of the ``"student"`` or ``"teacher"`` engine.
 
     Starts from ``parallel.ds_config_<role>`` or the default in ``ds_configs/`` (the ``_offload``
     variant when offloading), keeps every setting of the file, and overwrites the keys the run config
     owns: batch sizes (``train_batch_size`` counts data-parallel ranks, world_size // sequence),
     gradient clipping, ZeRO stage, offload on/off and precision (``model.dtype`` through
-    ``resolve_dtype(dtype, device)``). The student has no optimizer/scheduler section
-    (the trainer passes torch objects); the teacher is frozen: ZeRO-3, no optimizer, no clipping.
+    ``resolve_dtype(dtype, device)``). The student has no optimizer/scheduler section (the trainer
+    passes a torch optimizer and sets the LR per step) and leaves gradient accumulation to the
+    trainer (``managed_gradient_accumulation: false``: each ``step()`` applies what the backward
+    calls since the last one accumulated). The teacher is frozen: ZeRO-3, no optimizer, no
+    clipping. ``load_universal``: the student resumes from a DeepSpeed universal checkpoint.
     """
     if role not in ("student", "teacher"):
         raise ValueError(f"role must be 'student' or 'teacher', got {role!r}")
@@ -578,6 +597,9 @@ def ds_config(config: Config, role: str, world_size: int, *, device: str | None 
 
     zero = d.setdefault("zero_optimization", {})
     zero["stage"] = p.zero_stage if role == "student" else 3
+    if zero["stage"] < 2 and role == "student":
+        # trainer-managed accumulation overlaps communication only where gradients are partitioned
+        zero["overlap_comm"] = False
     offload_key = "offload_optimizer" if role == "student" else "offload_param"
     if offload:
         zero[offload_key] = {"device": "cpu", "pin_memory": True, **(zero.get(offload_key) or {})}
@@ -585,7 +607,10 @@ def ds_config(config: Config, role: str, world_size: int, *, device: str | None 
         zero.pop(offload_key, None)
     if role == "student":
         d["gradient_clipping"] = t.grad_clip
+        d["managed_gradient_accumulation"] = False
         d["zero_allow_untested_optimizer"] = True
+        if load_universal:
+            d["checkpoint"] = {**d.get("checkpoint", {}), "load_universal": True}
         if offload:
             d["zero_force_ds_cpu_optimizer"] = False   # a torch optimizer is passed on purpose
     else:

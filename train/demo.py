@@ -10,71 +10,82 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-RECIPE = "recipes/demo.yaml"
-TEACHER_RECIPE = "recipes/demo_teacher.yaml"
-DEMO_DATA = Path("runs/demo-data")
+REPO = Path(__file__).resolve().parent.parent
+RECIPE = REPO / "recipes" / "demo.yaml"
+TEACHER_RECIPE = REPO / "recipes" / "demo_teacher.yaml"
+
+
+# The demo's figures do not depend on the CPU it runs on: CPUs of one machine kind differ in their
+# vector units (AVX2, AVX-512, AMX), and torch's own kernels, MKL and oneDNN pick their code path by
+# them; each path sums in its own order, and over hundreds of steps those last-bit differences become
+# different students (measured: AVX2 vs AVX-512 kernels differ from the first step). Every x86-64 CPU
+# of this kind has AVX2, so the demo pins that path (MKL's STRICT mode also ignores memory alignment)
+# and one thread per process (MKL reproduces bit for bit only at a fixed thread count).
+PINNED_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT", "ONEDNN_MAX_CPU_ISA": "AVX2",
+              "OMP_NUM_THREADS": "1"}
+
+
+def pin_kernels() -> None:
+    """For this process (before its first kernel) and the ranks it launches; a variable the user
+    set wins. Nothing to pin off x86-64."""
+    import platform
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return
+    for key, value in PINNED_ENV.items():
+        os.environ.setdefault(key, value)
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def log(msg: str) -> None:
     print(f"[demo] {msg}", flush=True)
 
 
+def is_demo_recipe(recipe: str) -> bool:
+    return Path(recipe).resolve() == RECIPE
+
+
 def ensure_prerequisites(cfg) -> None:
-    """Make what a recipe points at under runs/ when it is missing: the demo data, a tokenizer
-    trained on the recipe's training data, and the SFT teacher (recipes/demo_teacher.yaml)."""
+    """Build what the demo recipe points at, where it is missing: the synthetic data, a tokenizer
+    trained on it, the SFT teacher (recipes/demo_teacher.yaml). Only the demo's own paths: a value
+    overridden to another path is the user's, and preflight reports it if it does not exist."""
+    from .config import load_config
     from .demo_task import demo_texts, make_demo_data
     from .tokenizer import train_sentencepiece
 
-    train_path = Path(cfg.data.train)
-    if train_path.parent == DEMO_DATA and not train_path.exists():
-        log(f"writing the synthetic task to {DEMO_DATA}/")
-        make_demo_data(DEMO_DATA)
-    tok = Path(cfg.data.tokenizer) if cfg.data.tokenizer else None
-    if tok and _under_runs(tok) and not tok.exists():
-        log(f"training a SentencePiece tokenizer on {train_path} -> {tok}")
-        texts = demo_texts(train_path) if train_path.parent == DEMO_DATA else _record_texts(train_path)
-        train_sentencepiece(texts, tok, vocab_size=512 if train_path.parent == DEMO_DATA else 2048)
-    teacher = Path(cfg.model.teacher) if cfg.model.teacher else None
-    if cfg.loss.method != "sft" and teacher and _under_runs(teacher) and not (teacher / "config.json").exists():
-        run_name = teacher.parent.name
-        log(f"training the teacher first ({TEACHER_RECIPE} -> {teacher}); it is cached for later runs")
-        overrides = [f"run_name={run_name}", f"output_dir={teacher.parent.parent}",
-                     f"data.train={cfg.data.train}", f"data.max_len={cfg.data.max_len}"]
-        overrides += [f"data.eval={cfg.data.eval}"] if cfg.data.eval else []
-        overrides += [f"data.tokenizer={cfg.data.tokenizer}"] if cfg.data.tokenizer else []
-        _kd_train(TEACHER_RECIPE, overrides)
+    own = load_config(str(RECIPE), [])
+    data_dir = Path(own.data.train).parent
+    uses = {key: getattr(cfg.data, key) == getattr(own.data, key) for key in ("train", "eval", "tokenizer")}
+    if (uses["train"] or uses["eval"] or uses["tokenizer"] or cfg.model.teacher == own.model.teacher) \
+            and not Path(own.data.train).exists():
+        log(f"writing the synthetic task to {data_dir}/")
+        make_demo_data(data_dir)
+    if (uses["tokenizer"] or cfg.model.teacher == own.model.teacher) and not Path(own.data.tokenizer).exists():
+        log(f"training a SentencePiece tokenizer on {own.data.train} -> {own.data.tokenizer}")
+        train_sentencepiece(demo_texts(Path(own.data.train)), own.data.tokenizer, vocab_size=512)
+    teacher = Path(own.model.teacher)
+    if cfg.loss.method != "sft" and cfg.model.teacher == own.model.teacher and not (teacher / "config.json").exists():
+        log(f"training the teacher first ({TEACHER_RECIPE.relative_to(REPO)} -> {teacher}); it is cached for later runs")
+        _kd_train(str(TEACHER_RECIPE), ["resume=auto"])
         if not (teacher / "config.json").exists():
             raise FileNotFoundError(f"the teacher run finished but {teacher} was not written")
 
 
-def _under_runs(p: Path) -> bool:
-    return "runs" in p.parts
-
-
-def _record_texts(path: Path):
-    from .data import iter_records, to_example
-    for _, record in iter_records(path):
-        ex = to_example(record)
-        yield " ".join(text for text, _ in ex.as_segments())
-
-
 def _kd_train(recipe: str, overrides: list[str]) -> None:
-    from .cli import default_nproc, launch
-    from .config import load_config
-    cfg = load_config(recipe, overrides)
-    code = launch(recipe, overrides, cfg.parallel.nproc or default_nproc())
+    from .cli import main
+    code = main([recipe, *overrides])
     if code != 0:
         sys.exit(code)
 
 
 def compare(models: dict[str, Path], eval_path: Path, tokenizer_path: Path, n: int, max_new_tokens: int,
-            k: int = 5) -> dict[str, dict]:
+            k: int = 5, chat_template: str = "auto") -> dict[str, dict]:
     """One process: greedy exact match and ROUGE-L, held-out NLL, and OR@k / CR@k against the
     first model (the teacher), each on the same held-out records."""
     from transformers import AutoModelForCausalLM
@@ -86,8 +97,8 @@ def compare(models: dict[str, Path], eval_path: Path, tokenizer_path: Path, n: i
     from .tokenizer import load_tokenizer
 
     tok = load_tokenizer(tokenizer_path)
-    examples = [to_example(r) for r in load_records(eval_path, limit=n)]
-    prompts = [encode_prompt(ex.prompt, tok) for ex in examples]
+    examples = [to_example(r, tok, chat_template=chat_template) for r in load_records(eval_path, limit=n)]
+    prompts = [encode_prompt(ex, tok) for ex in examples]
     seqs = [tokenize_example(ex, tok, 512) for ex in examples]
     L = max(len(s.input_ids) for s in seqs)
     ids = torch.tensor([s.input_ids + [tok.pad_id] * (L - len(s.input_ids)) for s in seqs])
@@ -113,57 +124,91 @@ def compare(models: dict[str, Path], eval_path: Path, tokenizer_path: Path, n: i
 
 
 def write_report(out_dir: Path, results: dict, runs: dict[str, Path], timings: dict, n_eval: int) -> Path:
-    from .runlog import plot_curves, read_metrics
+    from .runlog import write_report as write
 
-    lines = ["# Demo: GRKD vs SFT on the synthetic task (CPU, 2 ZeRO-3 ranks)", "",
-             f"Held-out: {n_eval} prompts never seen in training. Exact match and ROUGE-L from greedy "
-             "decoding; NLL of the reference responses; OR@5 / CR@5 / top-1 agreement with the teacher.",
-             "", "| model | exact match | ROUGE-L | NLL | OR@5 | CR@5 | top-1 agr. |", "|---|---|---|---|---|---|---|"]
+    summary = [f"Held-out: {n_eval} prompts never seen in training. Exact match and ROUGE-L from greedy decoding; NLL "
+               "of the reference responses; OR@5 / CR@5 / top-1 agreement with the teacher.", "",
+               "| model | exact match | ROUGE-L | NLL | OR@5 | CR@5 | top-1 agr. |", "|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         cells = [f"{r['exact_match']:.3f}", f"{r['rouge_l']:.3f}", f"{r['nll']:.4f}"]
         cells += [f"{r[k]:.3f}" if k in r else "-" for k in ("overlap@5", "consistency@5", "top1_agreement")]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", "Wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()), ""]
-    if plot_curves(runs, "loss", out_dir / "loss.png", "training loss (each run's own objective)"):
-        lines += ["![training loss](loss.png)", ""]
-    evals = {name: read_metrics(d)[1] for name, d in runs.items()}
-    rows = [(name, e["step"], e.get("eval_student_nll")) for name, es in evals.items() for e in es]
-    if rows:
-        lines += ["Held-out student NLL during training:", "", "| run | step | NLL |", "|---|---|---|"]
-        lines += [f"| {n} | {s} | {v:.4f} |" for n, s, v in rows if v is not None]
-    path = out_dir / "report.md"
-    path.write_text("\n".join(lines) + "\n")
+        summary.append(f"| {name} | " + " | ".join(cells) + " |")
+    summary += ["", "Wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items())]
     (out_dir / "comparison.json").write_text(json.dumps(results, indent=1))
-    return path
+    return write(out_dir, "Demo: GRKD vs SFT on the synthetic task (CPU, 2 ZeRO-3 ranks)", summary, runs)
 
 
-def main() -> int:
+def train_students(cfg, seed: int) -> tuple[dict[str, Path], dict[str, float]]:
+    """The SFT and the distilled student of one seed (the same initialisation and data order for
+    both): their run directories and wall times. ``resume=auto``: a finished run is reused and an
+    interrupted one continued by a second ``make demo``."""
+    name = cfg.run_name if seed == 0 else f"{cfg.run_name}-seed{seed}"
+    method = cfg.loss.method.upper()
+    runs, timings = {"SFT": cfg.run_dir.parent / f"{name}-sft", method: cfg.run_dir.parent / name}, {}
+    common = [f"train.seed={seed}", "resume=auto"]
+    for label, overrides in (("SFT", [f"run_name={name}-sft", "loss.method=sft", "model.teacher=null",
+                                      "loss.params={}"]), (method, [f"run_name={name}"])):
+        log(f"training the {label} student (seed {seed})")
+        t = time.time()
+        _kd_train(str(RECIPE), overrides + common)
+        timings[f"{label} student"] = time.time() - t
+    return runs, timings
+
+
+def spread(per_seed: dict[int, dict[str, dict]]) -> list[str]:
+    """Markdown: mean and standard deviation over seeds of each model's figures, then every seed."""
+    import statistics
+    keys = ("exact_match", "rouge_l", "nll", "overlap@5", "top1_agreement")
+    models = list(next(iter(per_seed.values())))
+    lines = [f"Over seeds {', '.join(map(str, per_seed))} (train.seed: student initialisation and data order; "
+             "the teacher is the same): mean +- standard deviation.", "",
+             "| model | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for m in models:
+        cells = []
+        for k in keys:
+            vals = [r[m][k] for r in per_seed.values() if k in r[m]]
+            cells.append("-" if not vals else f"{statistics.mean(vals):.3f} +- "
+                         f"{statistics.stdev(vals) if len(vals) > 1 else 0.0:.3f}")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines += ["", "| seed | model | exact match | ROUGE-L | NLL |", "|---|---|---|---|---|"]
+    lines += [f"| {seed} | {m} | {r[m]['exact_match']:.3f} | {r[m]['rouge_l']:.3f} | {r[m]['nll']:.4f} |"
+              for seed, r in per_seed.items() for m in models]
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
     from .config import load_config
+    ap = argparse.ArgumentParser(prog="python -m train.demo", description="The CPU demo (make demo); with several "
+                                 "--seeds also their spread (make demo-spread).")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="train.seed of the students (default 0)")
+    args = ap.parse_args(argv)
 
+    pin_kernels()
     t0 = time.time()
-    cfg = load_config(RECIPE, [])
+    cfg = load_config(str(RECIPE), [])
     ensure_prerequisites(cfg)
     timings = {"data + teacher": time.time() - t0}
-    sft_name = f"{cfg.run_name}-sft"
-    t1 = time.time()
-    log("training the SFT student")
-    _kd_train(RECIPE, [f"run_name={sft_name}", "loss.method=sft", "model.teacher=null", "loss.params={}"])
-    timings["SFT student"] = time.time() - t1
-    t1 = time.time()
-    log(f"training the {cfg.loss.method.upper()} student")
-    _kd_train(RECIPE, [])
-    timings[f"{cfg.loss.method.upper()} student"] = time.time() - t1
-    out = cfg.run_dir
-    models = {"teacher": Path(cfg.model.teacher), "SFT student": out.parent / sft_name / "student-hf",
-              f"{cfg.loss.method.upper()} student": out / "student-hf"}
-    log("evaluating teacher and students on held-out prompts")
-    results = compare(models, Path(cfg.data.eval), Path(cfg.data.tokenizer), cfg.data.eval_samples,
-                      cfg.data.max_new_tokens)
-    report = write_report(out, results, {"SFT": out.parent / sft_name, cfg.loss.method.upper(): out},
-                          timings, cfg.data.eval_samples)
-    for name, r in results.items():
+    per_seed, out, method = {}, cfg.run_dir, cfg.loss.method.upper()
+    for seed in args.seeds:
+        runs, times = train_students(cfg, seed)
+        timings.update({f"{k} (seed {seed})" if len(args.seeds) > 1 else k: v for k, v in times.items()})
+        log(f"evaluating teacher and students on held-out prompts (seed {seed})")
+        models = {"teacher": Path(cfg.model.teacher), "SFT student": runs["SFT"] / "student-hf",
+                  f"{method} student": runs[method] / "student-hf"}
+        per_seed[seed] = compare(models, Path(cfg.data.eval), Path(cfg.data.tokenizer), cfg.data.eval_samples,
+                                 cfg.data.max_new_tokens, chat_template=cfg.data.chat_template)
+        if seed == args.seeds[0]:
+            report = write_report(out, per_seed[seed], runs, timings, cfg.data.eval_samples)
+    for name, r in per_seed[args.seeds[0]].items():
         log(f"{name:14s} exact match {r['exact_match']:.3f}  ROUGE-L {r['rouge_l']:.3f}  NLL {r['nll']:.4f}")
-    log(f"report: {report}  |  GRKD student (HF format): {out / 'student-hf'}  |  {time.time() - t0:.0f}s in all")
+    if len(args.seeds) > 1:
+        path = out / "spread.md"
+        path.write_text("# Demo: spread over seeds\n\n" + "\n".join(spread(per_seed)) + "\n")
+        (out / "spread.json").write_text(json.dumps(per_seed, indent=1))
+        log(f"spread over seeds: {path}")
+    log(f"report: {report}  |  {method} student (HF format): {out / 'student-hf'}  |  {time.time() - t0:.0f}s in all")
     return 0
 
 

@@ -1,9 +1,11 @@
-"""Every engine is built here: the ZeRO-3 student (optimizer + LR schedule) and the frozen ZeRO-3
-teacher (inference: no optimizer state), from the ds_configs/ defaults via ``config.ds_config``.
+"""Every engine is built here: the ZeRO-3 student (optimizer, trained) and the frozen ZeRO-3 teacher
+(inference: no optimizer state), from the ds_configs/ defaults via ``config.ds_config``.
 
-Both are driven the same way by the loop: ``forward_hidden`` runs the engine (so ZeRO-3's hooks
-gather and release each layer) and returns the decoder's final hidden states; ``gathered_head``
-holds the full lm-head weight for the fused loss and, for the student, its backward.
+Both are driven the same way by the loop. ``forward_hidden`` runs the DeepSpeed engine, whose module
+(``HiddenStates``) returns the decoder's final hidden states: the tensor the fused loss consumes is
+the engine's own output, so DeepSpeed's backward hooks on its outputs run as they do for any model,
+and no lm head runs inside the forward. ``gathered_head`` holds the full lm-head weight for the fused
+loss and, for the student, its backward.
 """
 from __future__ import annotations
 
@@ -16,38 +18,47 @@ import torch
 from transformers.integrations import HfDeepSpeedConfig
 
 from . import models
+from .config import torch_dtype
 from .parallel import SequenceParallel
+
+
+class HiddenStates(torch.nn.Module):
+    """A causal LM as its engine sees it: the same submodules under the same names (checkpoints, ZeRO
+    partitions and HF exports keep the model's own parameter names), but ``forward`` stops at the
+    final norm and returns the hidden states ``[B, T, H]``; the lm head stays out of the forward."""
+
+    def __init__(self, lm):
+        super().__init__()
+        for name, child in lm.named_children():
+            self.add_module(name, child)
+        own = [n for n, _ in lm.named_parameters(recurse=False)] + [n for n, _ in lm.named_buffers(recurse=False)]
+        if own:
+            raise ValueError(f"{type(lm).__name__} holds tensors outside its submodules ({own}); not supported")
+        self.base = lm.base_model_prefix
+
+    def forward(self, **inputs) -> torch.Tensor:
+        return getattr(self, self.base)(**inputs).last_hidden_state
 
 
 @dataclass
 class Engine:
-    engine: deepspeed.DeepSpeedEngine
-    softcap: float | None
+    engine: deepspeed.DeepSpeedEngine   # its module is HiddenStates(model)
+    model: torch.nn.Module              # the HF causal LM: config, lm head, save_pretrained
     zero3: bool
-    _captured: torch.Tensor | None = None
 
     @property
-    def module(self):
-        return self.engine.module
-
-    def __post_init__(self):
-        self.module.base_model.register_forward_hook(self._capture)
-
-    def _capture(self, _module, _inputs, output):
-        self._captured = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+    def softcap(self) -> float | None:
+        return models.final_logit_softcap(self.model)
 
     def forward_hidden(self, batch: dict) -> torch.Tensor:
-        """Final hidden states ``[B, T, H]``. Logits are computed for the last position only
-        (``logits_to_keep=1``): the loss head makes the rest in chunks."""
-        self.engine(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                    position_ids=batch.get("position_ids"), use_cache=False, logits_to_keep=1)
-        hidden, self._captured = self._captured, None
-        return hidden
+        """Final hidden states ``[B, T, H]`` (after the final norm): the engine's output."""
+        return self.engine(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                           position_ids=batch.get("position_ids"), use_cache=False)
 
     @contextlib.contextmanager
     def gathered_head(self):
-        """The full lm-head weight (a ZeRO-3 gather once per step; a no-op without ZeRO-3)."""
-        weight = models.lm_head_weight(self.module)
+        """The full lm-head weight (a ZeRO-3 gather once per micro-batch; a no-op without ZeRO-3)."""
+        weight = models.lm_head_weight(self.model)
         ctx = deepspeed.zero.GatheredParameters([weight], modifier_rank=None) if self.zero3 \
             else contextlib.nullcontext()
         with ctx:
@@ -55,11 +66,33 @@ class Engine:
 
 
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    """LR multiplier: linear warmup from 0, then cosine decay to ``min_ratio`` at ``total``."""
+    """LR multiplier for optimizer step ``step`` (0-based): linear warmup from 0, then cosine decay
+    to ``min_ratio`` at ``total``."""
     if step < warmup:
         return (step + 1) / (warmup + 1)
     frac = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
+def set_lr(student: Engine, step: int, cfg) -> float:
+    """The LR of optimizer step ``step`` from the run's own settings. A function of the step, not a
+    scheduler's state: a skipped step cannot put it out of phase, and a resumed run with a new
+    ``train.lr`` or ``train.steps`` uses the new values from its first step."""
+    t = cfg.train
+    lr = t.lr * warmup_cosine(step, t.warmup_steps, t.steps, t.min_lr_ratio)
+    for group in student.engine.optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def discard_gradients(student: Engine) -> None:
+    """Drop the gradients accumulated since the last step (a step abandoned midway), the way
+    DeepSpeed clears them after an update: its optimizer's ``zero_grad`` also resets ZeRO's
+    accumulation, so the next backward starts afresh."""
+    engine = student.engine
+    if engine.zero_optimization() or engine.bfloat16_enabled() or engine.fp16_enabled():
+        engine.optimizer.zero_grad()
+    engine.zero_grad()
 
 
 def _param_groups(model, weight_decay: float):
@@ -77,29 +110,29 @@ def _zero3(ds: dict) -> bool:
 
 
 def build_student(cfg, ds: dict, vocab_size: int | None, sp: SequenceParallel) -> Engine:
-    dtype = models.resolve_dtype(cfg.model.dtype)
     # Must be alive while the model is created, so from_pretrained/from_config build ZeRO-3 shards.
     _keep = HfDeepSpeedConfig(ds) if _zero3(ds) else None  # noqa: F841
     spec = cfg.model.student_init or cfg.model.student
-    model = models.load_causal_lm(spec, dtype, cfg.model.attn_implementation, vocab_size, seed=cfg.train.seed)
+    model = models.load_causal_lm(spec, torch_dtype(cfg.model.dtype), cfg.model.attn_implementation, vocab_size,
+                                  seed=cfg.train.seed)
     sp.attach(model, f"model.student={spec}")
     if cfg.model.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # from_pretrained returns a model in eval mode, where transformers skips activation
+    # checkpointing and dropout: the student trains in train mode from its first step.
+    model.train()
     t = cfg.train
     opt = torch.optim.AdamW(_param_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas))
-    # A callable: DeepSpeed hands it the optimizer it wraps (ZeRO regroups the parameters).
-    sched = lambda o: torch.optim.lr_scheduler.LambdaLR(  # noqa: E731
-        o, lambda s: warmup_cosine(s, t.warmup_steps, t.steps, t.min_lr_ratio))
-    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds)
-    return Engine(engine, models.final_logit_softcap(model), _zero3(ds))
+    engine, *_ = deepspeed.initialize(model=HiddenStates(model), optimizer=opt, config=ds)
+    return Engine(engine, model, _zero3(ds))
 
 
-def build_teacher(cfg, ds: dict, sp: SequenceParallel) -> Engine:
-    dtype = models.resolve_dtype(cfg.model.dtype)
+def build_teacher(cfg, ds: dict, vocab_size: int | None, sp: SequenceParallel) -> Engine:
     _keep = HfDeepSpeedConfig(ds) if _zero3(ds) else None  # noqa: F841
-    model = models.load_causal_lm(cfg.model.teacher, dtype, cfg.model.attn_implementation)
+    model = models.load_causal_lm(cfg.model.teacher, torch_dtype(cfg.model.dtype), cfg.model.attn_implementation,
+                                  vocab_size)
     sp.attach(model, f"model.teacher={cfg.model.teacher}")
     model.requires_grad_(False).eval()
-    engine, *_ = deepspeed.initialize(model=model, config=ds)
+    engine, *_ = deepspeed.initialize(model=HiddenStates(model), config=ds)
     engine.eval()
-    return Engine(engine, models.final_logit_softcap(model), _zero3(ds))
+    return Engine(engine, model, _zero3(ds))

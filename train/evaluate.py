@@ -4,10 +4,13 @@
   responses, forward KL(teacher || student), and alignment (OR@k, CR@k, top-1 agreement).
 - ``generation_metrics``: one process, a plain HF model: greedy answers to held-out prompts,
   exact match and ROUGE-L against the references.
-- ``export_hf``: the student gathered from its ZeRO-3 shards into an HF directory (atomic).
+- ``export_hf``: the student gathered from its ZeRO-3 shards into an HF directory, swapped in
+  atomically.
 """
 from __future__ import annotations
 
+import ctypes
+import json
 import os
 import shutil
 from pathlib import Path
@@ -32,7 +35,7 @@ def held_out(student, teacher, loader, sp, cfg) -> dict:
         for key, v in ((name, value * n), (name + "/n", n)):
             totals[key] = totals.get(key, zero) + v
 
-    head = dict(chunk_size=cfg.loss.chunk_size)
+    head = dict(chunk_size=cfg.loss.chunk_size, vocab_size=cfg.model.vocab_size)
     for batch in loader:
         batch = sp.shard(data.to_device(batch, student.engine.device))
         labels = batch["targets"].flatten()
@@ -49,9 +52,8 @@ def held_out(student, teacher, loader, sp, cfg) -> dict:
                                               student_softcap=teacher.softcap, **head)
                 add("eval_teacher_nll", st["ce"], st["tokens"])
                 _, st = kd.fused_distill_loss(s_h, w_s, t_h, w_t, labels, method="forward_kl",
-                                              metrics_k=cfg.loss.metrics_k, vocab_size=cfg.model.vocab_size,
-                                              student_softcap=student.softcap, teacher_softcap=teacher.softcap,
-                                              **head)
+                                              metrics_k=cfg.loss.metrics_k, student_softcap=student.softcap,
+                                              teacher_softcap=teacher.softcap, **head)
                 for k, v in st.items():
                     if k not in ("tokens", "loss"):
                         add(f"eval_{k}", v, st["tokens"])
@@ -71,23 +73,54 @@ def save_hf_meta(model, tokenizer, out_dir: Path) -> None:
     tokenizer.save(out_dir)
 
 
-def export_hf(student, tokenizer, out_dir: Path) -> None:
-    """Collective. Rank 0 writes safetensors + config + tokenizer to a temp dir, then renames it."""
+EXPORT_INFO = "kd_export.json"        # inside an export: the step it holds
+
+
+def exported_step(out_dir: Path) -> int | None:
+    info = Path(out_dir) / EXPORT_INFO
+    return json.loads(info.read_text())["step"] if info.is_file() else None
+
+
+def export_hf(student, tokenizer, out_dir: Path, step: int) -> None:
+    """Collective. Rank 0 writes safetensors + config + tokenizer to a temp dir, then swaps it in
+    for ``out_dir`` in one atomic rename: there is always a complete export at ``out_dir``. An
+    export of this very step is kept as it is."""
+    out_dir = Path(out_dir)
+    if exported_step(out_dir) == step:     # the same on every rank: a shared run directory
+        return
     engine = student.engine
     state = engine._zero3_consolidated_16bit_state_dict() if student.zero3 else engine.module.state_dict()
     if dist.is_initialized() and dist.get_rank() != 0:
         dist.barrier()
         return
-    out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    engine.module.save_pretrained(tmp, state_dict={k: v.cpu() for k, v in state.items()})
+    student.model.save_pretrained(tmp, state_dict={k: v.cpu() for k, v in state.items()})
     tokenizer.save(tmp)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    (tmp / EXPORT_INFO).write_text(json.dumps({"step": step}) + "\n")
+    replace_dir(tmp, out_dir)
     if dist.is_initialized():
         dist.barrier()
+
+
+def replace_dir(new: Path, target: Path) -> None:
+    """Put directory ``new`` at ``target``. Where ``target`` exists, Linux swaps the two in one
+    ``renameat2(RENAME_EXCHANGE)`` and the old one is removed after; elsewhere (no such call, or a
+    filesystem without it) two renames leave a moment without ``target``."""
+    if not target.exists():
+        os.replace(new, target)
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    exchange = getattr(libc, "renameat2", None)
+    at_fdcwd, rename_exchange = -100, 2
+    if exchange is not None and exchange(at_fdcwd, os.fsencode(new), at_fdcwd, os.fsencode(target),
+                                         rename_exchange) == 0:
+        shutil.rmtree(new)                   # now holds the old contents
+        return
+    old = target.with_name(f".{target.name}.old{os.getpid()}")
+    os.replace(target, old)
+    os.replace(new, target)
+    shutil.rmtree(old)
 
 
 @torch.no_grad()

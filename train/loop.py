@@ -8,18 +8,19 @@ and reduces it over all ranks; the student engine steps. Everything else here is
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 import kd
-from . import checkpoint, data, engines, evaluate, parallel
+from kd.reduce import IGNORE_INDEX, all_reduce_values
+from . import checkpoint, data, engines, evaluate, parallel, preflight
 from .config import Config, ds_config, dump_yaml
 from .runlog import RunLogger
-from .tokenizer import load_tokenizer, tokenizers_match
+from .tokenizer import load_tokenizer
 
 
 class TrainingError(RuntimeError):
@@ -39,36 +40,28 @@ class StopFlag:
 
     def agreed(self) -> bool:
         """True on every rank if any rank was signalled (ranks must stop at the same step)."""
-        flag = torch.tensor(float(self.requested), device=self.device)
-        if dist.is_initialized():
-            dist.all_reduce(flag)
-        return bool(flag.item())
-
-
-def _global_sum(values: list[float], device) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return t.tolist()
+        flag, = all_reduce_values([float(self.requested)], dist.group.WORLD, "max", self.device)
+        return bool(flag)
 
 
 def train_step(student, teacher, loader, sp: parallel.SequenceParallel, cfg: Config, progress: float) -> dict | None:
-    """One optimizer step over ``grad_accum`` micro-batches; None if every micro-batch was bad.
+    """One optimizer step over ``grad_accum`` micro-batches; None when the step was skipped.
 
     The loss is the token mean over the whole global batch: each micro-batch's loss (a mean over
-    its own tokens on every rank) is reweighted by its share of the step's counted tokens. With
-    sequence parallelism every rank holds a slice of its group's sequences; the sums run over all
-    ranks, so nothing else changes.
+    its own tokens on every rank) is weighted by its share of the step's counted tokens, so the step
+    equals one micro-batch of ``grad_accum`` times the size. A non-finite micro-batch (the same on
+    every rank: the loss is all-reduced) makes that bigger batch non-finite too, so the whole step
+    is skipped and the gradients already accumulated are dropped.
     """
     loss_cfg = dict(method=cfg.loss.method, chunk_size=cfg.loss.chunk_size, metrics_k=cfg.loss.metrics_k,
                     vocab_size=cfg.model.vocab_size, **cfg.loss.objective_kwargs())
-    engine, gas, device = student.engine, cfg.train.grad_accum, student.engine.device
-    batches = [sp.shard(data.to_device(next(loader), device), packed=cfg.data.pack) for _ in range(gas)]
-    labels = [b["targets"].flatten() for b in batches]
-    counts = _global_sum([float((lab != -100).sum()) for lab in labels], device)
-    tokens_in = sum(_global_sum([float(b["n_real"]) for b in batches], device))
-    totals, good_tokens, bad = {}, 0.0, 0
-    for batch, lab, count in zip(batches, labels, counts):
+    engine, device = student.engine, student.engine.device
+    batches = [sp.shard(data.to_device(next(loader), device), packed=cfg.data.pack) for _ in range(cfg.train.grad_accum)]
+    counts = all_reduce_values([float((b["targets"] != IGNORE_INDEX).sum()) for b in batches], dist.group.WORLD,
+                               device=device)
+    tokens_in = sum(all_reduce_values([float(b["n_real"]) for b in batches], dist.group.WORLD, device=device))
+    totals = {}
+    for batch, count in zip(batches, counts):
         t_hidden = None
         if teacher is not None:
             with torch.no_grad():
@@ -77,26 +70,18 @@ def train_step(student, teacher, loader, sp: parallel.SequenceParallel, cfg: Con
         with student.gathered_head() as w_s, \
                 (teacher.gathered_head() if teacher else contextlib.nullcontext()) as w_t:
             loss, stats = kd.fused_distill_loss(
-                s_hidden, w_s, t_hidden, w_t, lab, progress=progress, group=dist.group.WORLD,
+                s_hidden, w_s, t_hidden, w_t, batch["targets"].flatten(), progress=progress, group=dist.group.WORLD,
                 student_softcap=student.softcap, teacher_softcap=teacher.softcap if teacher else None,
                 **loss_cfg)
-            finite = bool(torch.isfinite(loss))      # the same on every rank: the loss is all-reduced
-            if finite:
-                # DeepSpeed divides by gas; undo that and weight by this micro-batch's token share
-                engine.backward(loss * (gas * count / max(sum(counts), 1.0)))
-        bad += not finite
-        if finite:
-            good_tokens += count
-            for k, v in stats.items():
-                totals[k] = totals.get(k, 0.0) + v * count
-        if finite or good_tokens or not engine.is_gradient_accumulation_boundary():
-            engine.step()
-        else:
-            engine.micro_steps += 1   # nothing to apply: keep the accumulation boundary in phase
-    if not good_tokens:
-        return None
-    out = {k: v / good_tokens for k, v in totals.items() if k != "tokens"}
-    out.update(tokens=int(good_tokens), tokens_in=int(tokens_in), bad_micro_batches=bad)
+            if not torch.isfinite(loss):
+                engines.discard_gradients(student)
+                return None
+            engine.backward(loss * (count / max(sum(counts), 1.0)), scale_wrt_gas=False)
+        for k, v in stats.items():
+            totals[k] = totals.get(k, 0.0) + v * count
+    engine.step()
+    out = {k: v / max(sum(counts), 1.0) for k, v in totals.items() if k != "tokens"}
+    out.update(tokens=int(sum(counts)), tokens_in=int(tokens_in))
     return out
 
 
@@ -104,56 +89,65 @@ def run(cfg: Config) -> dict:
     """Train according to ``cfg``; returns the final evaluation (rank 0; {} elsewhere)."""
     parallel.init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
+    if torch.cuda.is_available():               # the device of this node's rank, not of the global rank
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count())))
+    plan = preflight.check(cfg, world)       # every rank, before anything is written
+    dist.barrier()
     sp = parallel.SequenceParallel(cfg.parallel.sequence)
-    if torch.cuda.is_available():
-        torch.cuda.set_device(rank % torch.cuda.device_count())
     torch.manual_seed(cfg.train.seed)
     run_dir, ckpt_dir = cfg.run_dir, cfg.run_dir / "checkpoints"
+    if rank == 0 and plan.replaces:
+        print(f"[kd-train] overwrite=true: moved the earlier run to {checkpoint.move_aside(run_dir)}", flush=True)
 
     tokenizer = load_tokenizer(cfg.data.tokenizer or cfg.model.student)
-    train_set = data.TokenizedDataset(cfg.data.train, tokenizer, cfg.data.max_len)
+    train_set = data.TokenizedDataset(cfg.data.train, tokenizer, cfg.data.max_len, chat_template=cfg.data.chat_template)
     # one loader per data-parallel replica: the ranks of a sequence-parallel group share batches
     loader = data.make_loader(train_set, cfg.train.micro_batch, sp.dp_rank, sp.dp_world, cfg.train.seed,
                               pack=cfg.data.pack, pad_id=tokenizer.pad_id, pad_to_multiple_of=sp.pad_to_multiple_of)
     eval_loader = None
     if cfg.data.eval:
-        eval_set = data.TokenizedDataset(cfg.data.eval, tokenizer, cfg.data.max_len, limit=cfg.data.eval_samples)
+        eval_set = data.TokenizedDataset(cfg.data.eval, tokenizer, cfg.data.max_len, limit=cfg.data.eval_samples,
+                                         chat_template=cfg.data.chat_template)
         eval_loader = lambda: data.make_loader(  # noqa: E731
             eval_set, cfg.train.micro_batch, sp.dp_rank, sp.dp_world, pad_id=tokenizer.pad_id, drop_last=False,
             pad_to_multiple_of=sp.pad_to_multiple_of)
 
-    if cfg.model.teacher and cfg.loss.method != "sft":
-        check_teacher_tokenizer(cfg, tokenizer)
-    student = engines.build_student(cfg, ds_config(cfg, "student", world), tokenizer.vocab_size, sp)
-    teacher = engines.build_teacher(cfg, ds_config(cfg, "teacher", world), sp) \
+    found, universal = plan.resume, plan.resume_world not in (None, world)   # None: loads at any size
+    student = engines.build_student(cfg, ds_config(cfg, "student", world, load_universal=universal),
+                                    tokenizer.vocab_size, sp)
+    teacher = engines.build_teacher(cfg, ds_config(cfg, "teacher", world), tokenizer.vocab_size, sp) \
         if cfg.loss.method != "sft" else None
 
     stop = StopFlag(student.engine.device)
-    state = {"step": 0, "bad_steps": 0, "tokens_seen": 0}
-    found = checkpoint.find(cfg.resume, ckpt_dir)
+    state = {"step": 0, "bad_steps": 0, "consecutive_bad": 0, "tokens_seen": 0}
     if found:
-        state, rank_state = checkpoint.load(student.engine, *found)
-        loader.load_state_dict(rank_state["loader"])
+        saved, rank_state = checkpoint.load(student.engine, *found, universal=universal)
+        state.update({k: saved[k] for k in state if k in saved})
+        loader.load_state_dict(saved["loader"] if universal else rank_state["loader"])
     log = RunLogger(run_dir, cfg, enabled=rank == 0, resumed_at=state["step"])
     if rank == 0:
         dump_yaml(cfg, run_dir / "config.yaml")
-        evaluate.save_hf_meta(student.module, tokenizer, ckpt_dir / "hf_meta")
+        evaluate.save_hf_meta(student.model, tokenizer, ckpt_dir / "hf_meta")
     log.info(f"{world} ranks | student {cfg.model.student} | teacher {cfg.model.teacher} | "
-             f"{train_set.stats.summary()}"
-             + (f" | resumed from {found[1]}" if found else ""))
+             f"{train_set.stats.summary()}")
+    for line in plan.notes:
+        log.info(line)
 
     def save():
-        checkpoint.save(student.engine, ckpt_dir, state["step"], state, {"loader": loader.state_dict()},
-                        cfg.train.keep_checkpoints)
+        checkpoint.save(student.engine, ckpt_dir, state["step"], {**state, "loader": loader.state_dict()},
+                        {"loader": loader.state_dict()}, cfg.train.keep_checkpoints,
+                        (run_dir / "config.yaml").read_text() if rank == 0 else "", state["consecutive_bad"] == 0)
 
     last_saved = state["step"] if found else -1
     final = {}
     while state["step"] < cfg.train.steps:
         t0 = time.perf_counter()
+        lr = engines.set_lr(student, state["step"], cfg)
         stats = train_step(student, teacher, loader, sp, cfg, progress=state["step"] / cfg.train.steps)
         state["step"] += 1
         if stats is None:
             state["bad_steps"] += 1
+            state["consecutive_bad"] += 1
             log.warn(f"step {state['step']}: non-finite loss, step skipped "
                      f"({state['bad_steps']}/{cfg.train.max_bad_steps} allowed)")
             if state["bad_steps"] >= cfg.train.max_bad_steps:
@@ -162,8 +156,9 @@ def run(cfg: Config) -> dict:
                     f"{cfg.train.max_bad_steps}). The newest good checkpoint is kept in {ckpt_dir}. Lower "
                     "train.lr, check the data for empty or corrupt records, or raise train.max_bad_steps.")
         else:
+            state["consecutive_bad"] = 0
             state["tokens_seen"] += stats["tokens_in"]
-            stats.update(lr=student.engine.get_lr()[0], tokens_per_s=stats["tokens_in"] / (time.perf_counter() - t0))
+            stats.update(lr=lr, tokens_per_s=stats["tokens_in"] / (time.perf_counter() - t0))
             log.step(state["step"], stats)
         stopping = stop.agreed()     # before eval: the launcher SIGKILLs 30 s after its SIGTERM
         if eval_loader and not stopping and cfg.train.eval_every and state["step"] % cfg.train.eval_every == 0:
@@ -178,24 +173,9 @@ def run(cfg: Config) -> dict:
             return {}
     if last_saved != state["step"]:
         save()
-    evaluated_now = cfg.train.eval_every and state["step"] % cfg.train.eval_every == 0
-    if eval_loader and not (final and evaluated_now):
+    if eval_loader and not log.has_eval(state["step"]):
         final = evaluate.held_out(student, teacher, eval_loader(), sp, cfg)
         log.eval(state["step"], final)
-    evaluate.export_hf(student, tokenizer, run_dir / "student-hf")
-    log.close(final)
+    evaluate.export_hf(student, tokenizer, run_dir / "student-hf", state["step"])
+    log.close(final or log.last_eval())
     return final if rank == 0 else {}
-
-
-def check_teacher_tokenizer(cfg: Config, tokenizer) -> None:
-    """Token-level distillation needs one vocabulary: refuse a teacher with another tokenizer."""
-    teacher_dir = Path(cfg.model.teacher)
-    if not teacher_dir.is_dir() or not any(teacher_dir.glob("tokenizer*")):
-        return
-    ok, why = tokenizers_match(load_tokenizer(teacher_dir), tokenizer)
-    if not ok:
-        raise TrainingError(
-            f"teacher tokenizer ({teacher_dir}) and training tokenizer "
-            f"({cfg.data.tokenizer or cfg.model.student}) differ: {why}. Token-level distillation "
-            "compares the two models position by position over one vocabulary; use the teacher's "
-            "tokenizer for the student (data.tokenizer=...), or check with `kd-convert vocab-check`.")

@@ -24,12 +24,6 @@ PRESETS = {
 }
 
 
-def resolve_dtype(name: str) -> torch.dtype:
-    """The torch dtype of ``model.dtype``; one rule with the DeepSpeed precision (config.resolve_dtype)."""
-    from .config import resolve_dtype as resolve_name
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[resolve_name(name)]
-
-
 def resolve_attention(name: str, config) -> str:
     """``auto``: flash-attn 2 on a GPU where installed; else sdpa, or eager for models with an
     attention-logit softcap (Gemma-2: sdpa cannot apply it, and transformers refuses sdpa there)."""
@@ -81,13 +75,6 @@ def load_causal_lm(spec: str, dtype: torch.dtype, attn_implementation: str = "au
 
 def final_logit_softcap(model) -> float | None:
     return getattr(model.config, "final_logit_softcapping", None) or None
-
-
-def hidden_states(model, input_ids, attention_mask=None, position_ids=None) -> torch.Tensor:
-    """The decoder's last hidden states (after the final norm): ``[B, T, H]``."""
-    out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                           use_cache=False)
-    return out.last_hidden_state
 
 
 def lm_head_weight(model) -> torch.nn.Parameter:

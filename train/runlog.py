@@ -13,12 +13,18 @@ class RunLogger:
     def __init__(self, run_dir: Path, cfg, enabled: bool, resumed_at: int | None = None):
         self.enabled, self.cfg, self.run_dir = enabled, cfg, Path(run_dir)
         self.start = time.time()
-        self.evals: list[dict] = []
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        kept = self._records_until(resumed_at or 0)     # every rank: has_eval must agree everywhere
+        self.evals = [r for r in kept if r.get("kind") == "eval"]
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.metrics_path = self.run_dir / "metrics.jsonl"
-        self._truncate_after(resumed_at)
+        if self.metrics_path.exists():
+            # drop the steps this run redoes; only a run continuing from its own checkpoint gets
+            # here with a metrics file (preflight refuses to start afresh over one)
+            tmp = self.metrics_path.with_name(f".{self.metrics_path.name}.tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            tmp.replace(self.metrics_path)
         self.metrics = open(self.metrics_path, "a")
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -31,13 +37,11 @@ class RunLogger:
             self.bar = tqdm(total=cfg.train.steps, initial=resumed_at or 0, desc=cfg.run_name,
                             dynamic_ncols=True)
 
-    def _truncate_after(self, step: int | None) -> None:
-        """Drop records of steps this run will redo: after the resumed step, or all of a fresh run's."""
+    def _records_until(self, step: int) -> list[dict]:
         if not self.metrics_path.exists():
-            return
-        keep = [line for line in self.metrics_path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.metrics_path.write_text("".join(line + "\n" for line in keep))
+            return []
+        rows = (json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip())
+        return [r for r in rows if r.get("step", 0) <= step]
 
     def _write(self, record: dict) -> None:
         self.metrics.write(json.dumps(record) + "\n")
@@ -60,10 +64,17 @@ class RunLogger:
             self.info(f"step {step}/{self.cfg.train.steps} loss {stats['loss']:.4f} "
                       f"lr {stats['lr']:.2e} tokens/s {stats['tokens_per_s']:.0f} ({elapsed:.0f}s)")
 
+    def has_eval(self, step: int) -> bool:
+        """Whether held-out results for ``step`` are logged (the same answer on every rank)."""
+        return any(e["step"] == step for e in self.evals)
+
+    def last_eval(self) -> dict:
+        return {k: v for k, v in self.evals[-1].items() if k not in ("step", "kind")} if self.evals else {}
+
     def eval(self, step: int, results: dict) -> None:
+        self.evals.append({"step": step, **results})
         if not self.enabled:
             return
-        self.evals.append({"step": step, **results})
         self._write({"step": step, "kind": "eval", **results})
         self.info(f"eval at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()
                                                         if isinstance(v, float)))
@@ -84,7 +95,11 @@ class RunLogger:
             self.tb.close()
         self.metrics.close()
         if final is not None:
-            write_report(self.run_dir, self.cfg, final)
+            c = self.cfg
+            summary = [f"method `{c.loss.method}`, {c.train.steps} steps, student `{c.model.student}`, teacher "
+                       f"`{c.model.teacher}`", "", "| metric | value |", "|---|---|"]
+            summary += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in final.items()]
+            write_report(self.run_dir, c.run_name, summary, {c.run_name: self.run_dir})
 
 
 def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
@@ -116,17 +131,21 @@ def plot_curves(runs: dict[str, Path], key: str, out: Path, title: str) -> bool:
     return True
 
 
-def write_report(run_dir: Path, cfg, final: dict) -> None:
-    plots = [k for k in ("loss", "soft_target", "group_relative", "ce") if _has_key(run_dir, k)]
-    lines = [f"# {cfg.run_name}", "", f"method `{cfg.loss.method}`, {cfg.train.steps} steps, "
-             f"student `{cfg.model.student}`, teacher `{cfg.model.teacher}`", "", "| metric | value |", "|---|---|"]
-    lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in final.items()]
-    for key in plots:
-        if plot_curves({cfg.run_name: run_dir}, key, run_dir / f"{key}.png", key):
-            lines += ["", f"![{key}]({key}.png)"]
-    (run_dir / "report.md").write_text("\n".join(lines) + "\n")
-
-
-def _has_key(run_dir: Path, key: str) -> bool:
-    train, _ = read_metrics(run_dir)
-    return any(key in r for r in train)
+def write_report(out_dir: Path, title: str, summary: list[str], runs: dict[str, Path]) -> Path:
+    """``out_dir/report.md``: a title, ``summary`` (Markdown lines), a PNG per loss term the runs
+    logged (one curve per run), and the held-out student NLL at each evaluation."""
+    out_dir = Path(out_dir)
+    lines = [f"# {title}", "", *summary, ""]
+    logged = {name: read_metrics(d) for name, d in runs.items()}
+    for key in ("loss", "soft_target", "group_relative", "ce"):
+        if any(key in r for train, _ in logged.values() for r in train) and \
+                plot_curves(runs, key, out_dir / f"{key}.png", f"{key} (each run's own objective)"):
+            lines += [f"![{key}]({key}.png)", ""]
+    rows = [(name, e["step"], e["eval_student_nll"]) for name, (_, evals) in logged.items() for e in evals
+            if "eval_student_nll" in e]
+    if rows:
+        lines += ["Held-out student NLL during training:", "", "| run | step | NLL |", "|---|---|---|"]
+        lines += [f"| {n} | {s} | {v:.4f} |" for n, s, v in rows]
+    path = out_dir / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.dist
 
 def train(kd_setup, tmp_path, name, nproc, *overrides):
     grads = tmp_path / f"{name}.pt"
-    run_deepspeed("tests/dist/sp_worker.py", kd_setup / "recipe.yaml", f"output_dir={tmp_path}", f"run_name={name}",
+    run_deepspeed("tests/dist/instrumented_worker.py", kd_setup / "recipe.yaml", f"output_dir={tmp_path}", f"run_name={name}",
                   f"parallel.sequence={nproc}", *overrides, nproc=nproc, timeout=400,
                   env={"KD_TEST_GRADS": str(grads)})
     run = tmp_path / name

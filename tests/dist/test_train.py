@@ -31,6 +31,16 @@ def test_grkd_run_learns_and_writes_its_outputs(kd_setup):
     assert (run / "config.yaml").is_file() and any((run / "tensorboard").iterdir())
     assert (run / "checkpoints" / "latest").read_text() == "step_00000040"
 
+    # the checkpoint holds the model's own parameter names: kd-convert gives the export's weights
+    from safetensors.torch import load_file
+
+    from tools.convert import main as kd_convert
+    assert kd_convert(["zero-to-hf", str(run / "checkpoints"), str(run / "converted")]) == 0
+    exported, converted = (load_file(run / d / "model.safetensors") for d in ("student-hf", "converted"))
+    assert exported.keys() == converted.keys()
+    for k in exported:
+        torch.testing.assert_close(converted[k], exported[k])
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
     model = AutoModelForCausalLM.from_pretrained(run / "student-hf")
     tok = AutoTokenizer.from_pretrained(run / "student-hf")
@@ -101,14 +111,18 @@ def test_teacher_with_another_tokenizer_is_refused(kd_setup, tmp_path):
 
 
 def test_nan_losses_are_skipped_then_stop_with_checkpoint_intact(kd_setup):
+    """Step 1 is finite and its update explodes the weights; the saves of the non-finite steps 2 and 3
+    do not rotate the last healthy checkpoint out (keep_checkpoints=1)."""
     run = kd_setup / "runs" / "nan"
     proc = kd_train(kd_setup / "recipe.yaml", "run_name=nan", "train.steps=12", "train.save_every=1",
-                    "train.lr=1e12", "train.grad_clip=0", "train.max_bad_steps=2", "train.warmup_steps=0",
-                    check=False)
+                    "train.lr=1e12", "train.grad_clip=0", "train.max_bad_steps=3", "train.warmup_steps=0",
+                    "train.keep_checkpoints=1", check=False)
     assert proc.returncode != 0
     assert "NaN/inf loss" in proc.stderr and "train.max_bad_steps" in proc.stderr, proc.stderr[-3000:]
-    latest = (run / "checkpoints" / "latest").read_text()
-    assert (run / "checkpoints" / latest / "COMPLETE").exists()
+    ckpts = run / "checkpoints"
+    assert (ckpts / "latest").read_text() == "step_00000003"
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_00000001", "step_00000003"]
+    assert json.loads((ckpts / "step_00000001" / "COMPLETE").read_text())["healthy"] is True
 
 
 def test_config_typo_fails_before_launch_with_a_suggestion(kd_setup):

@@ -280,6 +280,26 @@ def test_ds_config_student():
     assert "offload_optimizer" not in d["zero_optimization"]
     assert d["bf16"]["enabled"] is False and d["fp16"]["enabled"] is False    # auto on CPU = fp32
     assert d["steps_per_print"] >= 10**6 and d["wall_clock_breakdown"] is False
+    # the trainer weights micro-batches itself and steps once per optimizer step
+    assert d["managed_gradient_accumulation"] is False and d["zero_optimization"]["overlap_comm"] is True
+    assert "checkpoint" not in d
+    assert C.ds_config(c, "student", 4, device="cpu", load_universal=True)["checkpoint"]["load_universal"] is True
+    stage1 = C.ds_config(load("parallel.zero_stage=1"), "student", 4, device="cpu")
+    assert stage1["zero_optimization"]["overlap_comm"] is False      # DeepSpeed refuses it there
+
+
+def test_chat_template_and_overwrite_keys(tmp_path):
+    assert load().data.chat_template == "auto" and load().overwrite is False
+    for text, want in (("data.chat_template=true", "true"), ("data.chat_template=False", "false"),
+                       ("data.chat_template=auto", "auto")):
+        assert load(text).data.chat_template == want
+    with pytest.raises(ConfigError, match="data.chat_template expects one of 'auto', 'true', 'false'"):
+        load("data.chat_template=yes")
+    c = load("overwrite=true", "run_name=o")
+    assert c.overwrite is True
+    path = C.dump_yaml(c, tmp_path / "config.yaml")              # a one-time action: never repeated by a rerun
+    assert load_config(str(path), []).overwrite is False
+    assert "resume=auto" in path.read_text().splitlines()[1]
 
 
 def test_ds_config_teacher():

@@ -1,0 +1,78 @@
+"""kd-train's own rank code (``train.cli.main``) with test instruments, each switched on by an
+environment variable:
+
+- ``KD_TEST_GRADS=PATH``: the full gradients of the first optimizer step, saved by rank 0.
+- ``KD_TEST_COUNTS=PATH``: JSON from rank 0, per step: forwards of the student's MLPs (a layer
+  recomputed by activation checkpointing runs its MLP twice), and DeepSpeed's backward prologues.
+- ``KD_TEST_NAN=CALL[,CALL...]``: the fused loss of those calls (counted from 1 over the run, one
+  call per micro-batch; run without data.eval, whose batches call it too) is made NaN on every
+  rank, as a non-finite micro-batch would be.
+"""
+import json
+import os
+import sys
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.utils import safe_get_full_grad
+
+import train.loop
+from train.cli import exit_process, main
+
+counts = {"mlp_forwards": [0], "backward_prologues": [0]}
+captured = False
+original_step = deepspeed.DeepSpeedEngine.step
+
+
+def step_and_record(self, *args, **kwargs):
+    global captured
+    if os.environ.get("KD_TEST_GRADS") and not captured:
+        captured = True      # on every rank: the gather below is collective under ZeRO-3
+        grads = {n: safe_get_full_grad(p).detach().clone() for n, p in self.module.named_parameters()}
+        if dist.get_rank() == 0:
+            torch.save(grads, os.environ["KD_TEST_GRADS"])
+    out = original_step(self, *args, **kwargs)
+    if self.optimizer is not None:
+        for series in counts.values():
+            series.append(0)
+    return out
+
+
+deepspeed.DeepSpeedEngine.step = step_and_record
+
+if os.environ.get("KD_TEST_COUNTS"):
+    original_prologue = deepspeed.DeepSpeedEngine._backward_prologue
+
+    def prologue(self):
+        counts["backward_prologues"][-1] += 1
+        return original_prologue(self)
+
+    deepspeed.DeepSpeedEngine._backward_prologue = prologue
+    from transformers.models.llama import modeling_llama
+    original_mlp = modeling_llama.LlamaMLP.forward
+
+    def mlp_forward(self, *args, **kwargs):
+        # inside the checkpointed layer: a recompute runs it again
+        if self.training:                        # the student (the teacher is in eval mode)
+            counts["mlp_forwards"][-1] += 1
+        return original_mlp(self, *args, **kwargs)
+
+    modeling_llama.LlamaMLP.forward = mlp_forward
+
+nan_calls = {int(c) for c in os.environ.get("KD_TEST_NAN", "").split(",") if c}
+if nan_calls:
+    original_loss, calls = train.loop.kd.fused_distill_loss, [0]
+
+    def loss_with_nan(*args, **kwargs):
+        loss, stats = original_loss(*args, **kwargs)
+        calls[0] += 1
+        return (loss * float("nan"), stats) if calls[0] in nan_calls else (loss, stats)
+
+    train.loop.kd.fused_distill_loss = loss_with_nan
+
+code = main(sys.argv[1:])
+if os.environ.get("KD_TEST_COUNTS") and int(os.environ.get("RANK", 0)) == 0:
+    with open(os.environ["KD_TEST_COUNTS"], "w") as f:
+        json.dump({k: v[:-1] for k, v in counts.items()}, f)
+exit_process(code)
