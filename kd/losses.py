@@ -2,7 +2,7 @@
 
 Every function takes ``(student_logits [N, V], teacher_logits [N, V], temperature=1.0, **params)``
 and returns per-token losses ``[N]`` with no T^2 factor and no reduction (see
-``shared/docs/methods.md``). Math runs in float32 at least (float64 stays float64, so gradcheck
+``docs/methods.md``). Math runs in float32 at least (float64 stays float64, so gradcheck
 works). Masking, T^2, term weights and the reduction belong to :mod:`kd.objective`, so every
 method reduces the same way.
 
