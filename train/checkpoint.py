@@ -8,14 +8,16 @@ Layout under ``runs/<run>/checkpoints/``::
     hf_meta/           config.json, generation_config.json, tokenizer files (for kd-convert)
 
 ``COMPLETE`` is written by rank 0 after every rank has written its files; it holds a manifest (every
-file's size, the world size, whether the run was healthy when it saved), so a truncated file is
-found before DeepSpeed reads it. ``latest`` moves only after that, so a run killed mid-save resumes
-from the previous checkpoint. Pruning (``train.keep_checkpoints``) never removes the newest healthy
-checkpoint (one saved after a finite step), and removes the directories of interrupted saves.
+file's size and the world size), so a truncated file is found before DeepSpeed reads it. ``latest``
+moves only after that, so a run killed mid-save resumes from the previous checkpoint. Pruning
+(``train.keep_checkpoints``) never removes the newest *confirmed* checkpoint (one a finite step
+followed: the weights of the checkpoint right before a NaN loss are those that produced it), and
+removes the directories of interrupted saves.
 
-Another world size: DeepSpeed's universal checkpoint (``ds_to_universal``) is made from the tag
-once, into ``<tag>/universal``, and the student loads it; the loader continues from the same global
-sample; per-rank RNG streams cannot be mapped and restart from the seed.
+Another world size: under ZeRO 1-3, DeepSpeed's universal checkpoint (``ds_to_universal``) is made
+from the tag once, into ``<tag>/universal``, and the student loads it (stage 0 keeps whole states and
+loads as it is); the loader continues from the same global sample; per-rank RNG streams cannot be
+mapped and restart from the seed.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ import random
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +42,11 @@ UNIVERSAL = "universal"
 
 
 class CheckpointError(RuntimeError):
-    pass
+    """A checkpoint problem; ``rank_local`` when only this rank saw it (every rank then prints it)."""
+
+    def __init__(self, message: str, rank_local: bool = False):
+        super().__init__(message)
+        self.rank_local = rank_local
 
 
 def tag_for(step: int) -> str:
@@ -137,12 +144,9 @@ def find(resume: str, ckpt_dir: Path, warn=print) -> tuple[Path, str] | None:
     if resume == "none":
         return None
     if resume == "auto":
-        tags = complete_tags(ckpt_dir)
-        latest = ckpt_dir / "latest"
-        if latest.is_file() and latest.read_text().strip() in tags:   # normally the newest
-            tags.remove(latest.read_text().strip())
-            tags.append(latest.read_text().strip())
-        for tag in reversed(tags):
+        # the newest complete one, whatever 'latest' says (a run killed between writing COMPLETE and
+        # moving 'latest' has a newer complete checkpoint than 'latest' names)
+        for tag in reversed(complete_tags(ckpt_dir)):
             why = damage(ckpt_dir / tag)
             if why is None:
                 return ckpt_dir, tag
@@ -178,19 +182,26 @@ def _has_steps(ckpt_dir: Path) -> bool:
     return any(p.name.startswith("step_") for p in ckpt_dir.iterdir())
 
 
-def check_fresh_start(cfg, found) -> None:
+def continues(cfg, found) -> bool:
+    """Whether ``found`` (from ``find``) is a checkpoint of this run's own directory."""
+    return found is not None and Path(found[0]).resolve() == (cfg.run_dir / "checkpoints").resolve()
+
+
+def check_fresh_start(cfg, found, warnings: list[str] = ()) -> None:
     """A run that does not continue from its own checkpoints must not write over an earlier run's
-    outputs: refuse, naming the three ways forward. ``overwrite=true`` moves the earlier run aside
-    (rank 0 only; nothing is deleted)."""
-    run_dir = cfg.run_dir
-    continuing = found is not None and Path(found[0]).resolve() == (run_dir / "checkpoints").resolve()
-    outputs = run_outputs(run_dir)
-    if continuing or not outputs:
+    outputs: refuse, naming the ways forward. ``overwrite=true`` moves the earlier run aside (rank
+    0 only; nothing is deleted). ``warnings``: why ``resume=auto`` found no checkpoint to use."""
+    outputs = run_outputs(cfg.run_dir)
+    if continues(cfg, found) or not outputs or cfg.overwrite:
         return
-    if cfg.overwrite:
-        return
+    if cfg.resume == "auto":
+        why = " ".join(warnings) or "none was complete (the run stopped before its first save)"
+        raise CheckpointError(
+            f"resume=auto found no checkpoint to continue {cfg.run_dir} from: {why}. Its outputs "
+            f"({', '.join(outputs)}) would be overwritten. Start afresh with overwrite=true (the earlier run is "
+            "moved aside to a sibling directory, not deleted), or pick another run_name=....")
     raise CheckpointError(
-        f"{run_dir} already holds an earlier run ({', '.join(outputs)}), and this run would overwrite its "
+        f"{cfg.run_dir} already holds an earlier run ({', '.join(outputs)}), and this run would overwrite its "
         "metrics and prune its checkpoints. Continue it with resume=auto, pick another run_name=..., or pass "
         "overwrite=true to start afresh (the earlier run is then moved aside to a sibling directory, not deleted).")
 
@@ -235,8 +246,9 @@ def _check_space(ckpt_dir: Path, need: int, device) -> None:
 
 
 def save(engine, ckpt_dir: Path, step: int, trainer_state: dict, rank_state: dict, keep: int,
-         config_yaml: str, healthy: bool) -> str:
-    """Collective: every rank calls it. Returns the tag written."""
+         config_yaml: str, last_finite: int) -> str:
+    """Collective: every rank calls it. Returns the tag written. ``last_finite``: the newest step
+    whose loss was finite (pruning keeps the newest checkpoint before it)."""
     tag = tag_for(step)
     tag_dir = ckpt_dir / tag
     ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -258,30 +270,36 @@ def save(engine, ckpt_dir: Path, step: int, trainer_state: dict, rank_state: dic
         raise CheckpointError(
             f"saving checkpoint {tag_dir} failed on rank {_rank()}: {str(e).splitlines()[0] if str(e) else type(e).__name__}. "
             f"{shutil.disk_usage(ckpt_dir).free / 1e6:,.0f} MB are free on {_where(ckpt_dir)}. The previous checkpoint "
-            f"and 'latest' are intact ({ckpt_dir / 'latest'}); {tag_dir} is incomplete and is never resumed from.") from None
+            f"and 'latest' are intact ({ckpt_dir / 'latest'}); {tag_dir} is incomplete and is never resumed from.",
+            rank_local=True) from None
     if os.environ.get("KD_FAULT") == f"kill-during-save:{step}" and _rank() == 0:
         os.kill(os.getpid(), 9)   # fault injection for tests: die with files written, not yet COMPLETE
     _barrier()
     if _rank() == 0:
         (tag_dir / "config.yaml").write_text(config_yaml)
         files = {str(f.relative_to(tag_dir)): f.stat().st_size for f in sorted(tag_dir.rglob("*")) if f.is_file()}
-        info = {"step": step, "world_size": _world(),
-                "healthy": healthy, "files": files}
+        info = {"step": step, "world_size": _world(), "files": files}
         write_atomic(tag_dir / COMPLETE, json.dumps(info, indent=1).encode())
         write_atomic(ckpt_dir / "latest", tag.encode())
-        _prune(ckpt_dir, step, keep)
+        _prune(ckpt_dir, step, keep, last_finite)
     _barrier()
     return tag
 
 
-def _prune(ckpt_dir: Path, step: int, keep: int) -> None:
+def confirmed(ckpt_dir: Path, last_finite: int) -> str | None:
+    """The newest complete checkpoint a finite step followed (its step is before ``last_finite``)."""
+    good = [t for t in complete_tags(ckpt_dir) if step_of(t) < last_finite]
+    return good[-1] if good else None
+
+
+def _prune(ckpt_dir: Path, step: int, keep: int, last_finite: int) -> None:
     """Rank 0, after ``step`` was saved: drop complete checkpoints beyond the newest ``keep`` (never
-    the newest healthy one), those of an abandoned future (steps past ``step``: this run resumed from
-    an earlier one), and interrupted saves (saves are collective and in order: none is in progress)."""
+    the newest confirmed one), those of an abandoned future (steps past ``step``: this run resumed
+    from an earlier one), and interrupted saves (saves are collective and in order: none is in
+    progress)."""
     tags = complete_tags(ckpt_dir)
     older = [t for t in tags if step_of(t) <= step]
-    healthy = [t for t in older if (manifest(ckpt_dir / t) or {}).get("healthy", True)]
-    kept = set(older[-keep:]) | set(healthy[-1:])
+    kept = set(older[-keep:]) | {confirmed(ckpt_dir, last_finite)}
     doomed = [t for t in tags if step_of(t) > step or t not in kept]
     doomed += [p.name for p in ckpt_dir.iterdir() if p.name.startswith("step_") and p.is_dir() and p.name not in tags]
     for tag in doomed:
@@ -297,40 +315,59 @@ def _serialize(obj) -> bytes:
 # ---------------------------------------------------------------------------------------------
 # Loading
 
-def universal_tag(ckpt_dir: Path, tag: str) -> str:
-    """Rank 0 (the others wait): DeepSpeed's universal form of ``tag`` in ``<tag>/universal``, made
-    once with DeepSpeed's own converter; the tag to load it with."""
+def make_universal(ckpt_dir: Path, tag: str) -> str:
+    """DeepSpeed's universal form of ``tag`` in ``<tag>/universal``, made once with DeepSpeed's own
+    converter (one process: kd-train's self-launch parent, or rank 0 under another launcher); the
+    tag to load it with. A failure leaves a FAILED file holding the reason for the waiting ranks."""
     out = ckpt_dir / tag / UNIVERSAL
-    if _rank() == 0 and not (out / COMPLETE).is_file():
+    if not (out / COMPLETE).is_file():
         shutil.rmtree(out, ignore_errors=True)
+        workers = str(max(1, min(8, os.cpu_count() or 1)))
         proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-                               str(ckpt_dir / tag), "--output_folder", str(out), "--num_extract_workers", "1",
-                               "--num_merge_workers", "1"], capture_output=True, text=True)
+                               str(ckpt_dir / tag), "--output_folder", str(out), "--num_extract_workers", workers,
+                               "--num_merge_workers", workers], capture_output=True, text=True)
         if proc.returncode != 0:
-            raise CheckpointError(f"DeepSpeed could not convert {ckpt_dir / tag} to a universal checkpoint for "
-                                  f"another world size:\n{proc.stderr[-2000:]}\nResume with the same number of ranks "
-                                  f"({world_size_of(ckpt_dir / tag)}).")
+            why = (f"DeepSpeed could not convert {ckpt_dir / tag} to a universal checkpoint for another world size:"
+                   f"\n{proc.stderr[-2000:]}\nResume with the number of ranks that wrote it "
+                   f"({world_size_of(ckpt_dir / tag)}).")
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "FAILED").write_text(why)
+            raise CheckpointError(why)
         write_atomic(out / COMPLETE, b"")
-    _barrier()
     return f"{tag}/{UNIVERSAL}"
 
 
-def load(engine, ckpt_dir: Path, tag: str, universal: bool) -> tuple[dict, dict | None]:
-    """Restore the engine in place; returns (trainer_state, this rank's state or None at another
-    world size) and restores this rank's RNG."""
+def universal_tag(ckpt_dir: Path, tag: str, poll_s: float = 5.0) -> str:
+    """In the ranks: rank 0 makes the universal checkpoint where the self-launch has not; the other
+    ranks wait for its marker on the filesystem (a conversion can outlast a collective's timeout)."""
+    out = ckpt_dir / tag / UNIVERSAL
+    if _rank() == 0:
+        return make_universal(ckpt_dir, tag)
+    while not (out / COMPLETE).is_file():
+        if (out / "FAILED").is_file():
+            raise CheckpointError((out / "FAILED").read_text())
+        time.sleep(poll_s)
+    return f"{tag}/{UNIVERSAL}"
+
+
+def load(engine, ckpt_dir: Path, tag: str, universal: bool, same_world: bool) -> tuple[dict, dict | None]:
+    """Restore the engine in place; returns (trainer_state, this rank's state, None at another world
+    size) and restores this rank's RNG where it has one."""
     tag_dir = ckpt_dir / tag
+    load_tag = universal_tag(ckpt_dir, tag) if universal else tag
     try:
-        _, client = engine.load_checkpoint(str(ckpt_dir), tag=universal_tag(ckpt_dir, tag) if universal else tag,
-                                           load_optimizer_states=True, load_lr_scheduler_states=False)
-        rank_state = None if universal else torch.load(tag_dir / f"trainer_state_rank{_rank()}.pt", weights_only=False)
+        _, client = engine.load_checkpoint(str(ckpt_dir), tag=load_tag, load_optimizer_states=True,
+                                           load_lr_scheduler_states=False)
+        rank_state = torch.load(tag_dir / f"trainer_state_rank{_rank()}.pt", weights_only=False) if same_world else None
     except (OSError, RuntimeError, EOFError, KeyError, ValueError) as e:
         prev = _previous(ckpt_dir, tag)
         raise CheckpointError(
-            f"cannot read checkpoint {tag_dir} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
+            f"rank {_rank()} cannot read checkpoint {tag_dir} ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}). "
             + (f"Resume from the previous complete checkpoint with resume={ckpt_dir / prev}." if prev else
-               "There is no earlier complete checkpoint; start afresh with a new run_name.")) from None
+               "There is no earlier complete checkpoint; start afresh with a new run_name."), rank_local=True) from None
     if client is None:
-        raise CheckpointError(f"DeepSpeed found no checkpoint to load in {tag_dir}")
+        raise CheckpointError(f"DeepSpeed found no checkpoint to load in {tag_dir}", rank_local=True)
     if rank_state is not None:
         set_rng_state(rank_state.pop("rng"))
     return client["trainer"], rank_state

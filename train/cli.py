@@ -46,6 +46,9 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+PARENT_ENV = "KD_TRAIN_PARENT"      # the pid of the self-launching kd-train, for its ranks to watch
+
+
 def launched() -> bool:
     return any(v in os.environ for v in ("LOCAL_RANK", "RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"))
 
@@ -65,9 +68,10 @@ def launch(recipe: str, overrides: list[str], nproc: int) -> int:
 
     The launcher runs in a session of its own, so Ctrl-C in the terminal reaches only this process,
     which passes it to the ranks: they finish the step, save and exit 0, and the launcher (which
-    would SIGKILL them 30 s after a signal of its own) sees clean exits."""
+    would SIGKILL them 30 s after a signal of its own) sees clean exits. A closed terminal (SIGHUP)
+    stops them the same way, and so does this process's death (the ranks watch ``PARENT_ENV``)."""
     from .preflight import CHECKED_ENV
-    env = {**os.environ, CHECKED_ENV: "1"}
+    env = {**os.environ, CHECKED_ENV: "1", PARENT_ENV: str(os.getpid())}
     if not torch.cuda.is_available():
         env.setdefault("DS_ACCELERATOR", "cpu")
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // nproc)))
@@ -81,9 +85,9 @@ def launch(recipe: str, overrides: list[str], nproc: int) -> int:
         for child in psutil.Process(proc.pid).children(recursive=True):
             with contextlib.suppress(psutil.Error):
                 if any(a.startswith("--local_rank") for a in child.cmdline()):
-                    child.send_signal(signum)
+                    child.send_signal(signal.SIGTERM if signum == signal.SIGHUP else signum)
 
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     try:
         return proc.wait()
     finally:
@@ -92,8 +96,11 @@ def launch(recipe: str, overrides: list[str], nproc: int) -> int:
 
 
 def fail(err: BaseException) -> int:
+    """Print a user error once: by rank 0, or by every rank that alone saw it (``rank_local``)."""
     rank = int(os.environ.get("RANK", "0"))
-    if rank == 0:
+    if getattr(err, "rank_local", False) and launched():
+        print(f"\nkd-train: error (rank {rank}): {err}\n", file=sys.stderr, flush=True)
+    elif rank == 0:
         print(f"\nkd-train: error: {err}\n", file=sys.stderr, flush=True)
     return 2
 
@@ -122,7 +129,12 @@ def main(argv: list[str] | None = None) -> int:
             if demo.is_demo_recipe(args.recipe):
                 demo.ensure_prerequisites(cfg)
             nproc = cfg.parallel.nproc or default_nproc()
-            preflight.check(cfg, nproc)
+            plan = preflight.check(cfg, nproc)
+            if plan.universal:          # here, in one process: a conversion can outlast the ranks' timeouts
+                from .checkpoint import make_universal
+                print(f"kd-train: converting {plan.resume[1]} to a universal checkpoint for {nproc} ranks",
+                      flush=True)
+                make_universal(*plan.resume)
             return launch(args.recipe, args.overrides, nproc)
         from .loop import run
         run(cfg)

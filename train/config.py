@@ -505,14 +505,16 @@ def _plain(x: Any) -> Any:
 
 def dump_yaml(config: Config, path: str | Path) -> Path:
     """Write the resolved config (e.g. to runs/<run>/config.yaml); ``load_config`` reads it back equal,
-    except ``overwrite``, written false."""
+    except the two actions of the start that a rerun must not repeat: ``resume`` is written ``auto``
+    (rerunning the file continues this run from its newest checkpoint, never rewinds it to a named
+    one) and ``overwrite`` false."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tree = config.to_dict()
-    tree["overwrite"] = False        # an action of the run that started, not a setting to repeat
+    tree.update(resume="auto", overwrite=False)
     text = yaml.safe_dump(tree, sort_keys=False, default_flow_style=None)
     path.write_text("# Resolved kd-train configuration: defaults, recipe and overrides, as this run used them.\n"
-                    f"# Continue this run: kd-train {path} resume=auto\n"
+                    f"# Continue this run: kd-train {path}\n"
                     f"# A new run with these settings: kd-train {path} run_name=NEW_NAME\n" + text, encoding="utf-8")
     return path
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import deepspeed
 import torch
+from deepspeed.runtime.zero.stage_1_and_2 import INITIAL_MICRO_STEP_ID as ZERO12_INITIAL_MICRO_STEP
+from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 from transformers.integrations import HfDeepSpeedConfig
 
 from . import models
@@ -74,35 +76,52 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * frac))
 
 
-def set_lr(student: Engine, step: int, cfg) -> float:
-    """The LR of optimizer step ``step`` from the run's own settings. A function of the step, not a
-    scheduler's state: a skipped step cannot put it out of phase, and a resumed run with a new
-    ``train.lr`` or ``train.steps`` uses the new values from its first step."""
+def set_optimizer_settings(student: Engine, step: int, cfg) -> float:
+    """The LR of optimizer step ``step`` and the run's betas and weight decay, set on every step;
+    returns the LR. The LR is a function of the step, not a scheduler's state: a skipped step cannot
+    put it out of phase. All three come from this run's settings, not from a checkpoint's optimizer
+    state (whose hyperparameters ``load_state_dict`` restores), so a resumed run with a new
+    ``train.lr``, ``train.betas`` or ``train.weight_decay`` uses the new values from its first step."""
     t = cfg.train
     lr = t.lr * warmup_cosine(step, t.warmup_steps, t.steps, t.min_lr_ratio)
-    for group in student.engine.optimizer.param_groups:
-        group["lr"] = lr
+    for i, group in enumerate(student.engine.optimizer.param_groups):
+        group.update(lr=lr, betas=tuple(t.betas), weight_decay=t.weight_decay if group.get("decay", i == 0) else 0.0)
     return lr
 
 
 def discard_gradients(student: Engine) -> None:
-    """Drop the gradients accumulated since the last step (a step abandoned midway), the way
-    DeepSpeed clears them after an update: its optimizer's ``zero_grad`` also resets ZeRO's
-    accumulation, so the next backward starts afresh."""
+    """Drop the gradients accumulated since the last step (a step abandoned midway), so that the
+    next backward starts afresh. DeepSpeed clears them only inside a step: after an update, or
+    (ZeRO-1/2) when it skips an overflowing one; this does what those do, without the step.
+    ``tests/dist/test_steps.py`` checks every ZeRO stage, offload included."""
     engine = student.engine
-    if engine.zero_optimization() or engine.bfloat16_enabled() or engine.fp16_enabled():
-        engine.optimizer.zero_grad()
+    opt = engine.optimizer
+    if isinstance(opt, DeepSpeedZeroOptimizer):          # ZeRO-1/2: its overflow branch's clean-up
+        opt.zero_grad(set_to_none=True)
+        opt._release_preflattened_grad_buffers()
+        if opt.cpu_offload:
+            opt.reset_cpu_buffers()
+            opt._offload_accumulated_param_ids = set()
+        else:        # the accumulator of the step's earlier micro-batches, and the step's own
+            for grads in (opt.all_grad_tensors, opt.averaged_gradients):
+                for k in grads:
+                    grads[k] = None
+        opt.micro_step_id = ZERO12_INITIAL_MICRO_STEP   # the next backward copies instead of adding
+    elif engine.zero_optimization() or engine.bfloat16_enabled() or engine.fp16_enabled():
+        opt.zero_grad()                                  # ZeRO-3 also restarts its accumulation here
     engine.zero_grad()
 
 
 def _param_groups(model, weight_decay: float):
     """No weight decay on norms and biases (1-D tensors). Under ZeRO-3 every local tensor is a
-    1-D shard: the full shape is ``ds_shape``."""
+    1-D shard: the full shape is ``ds_shape``. ``decay`` marks the group for
+    ``set_optimizer_settings``."""
     def matrix(p):
         return len(getattr(p, "ds_shape", p.shape)) >= 2
     decay = [p for p in model.parameters() if p.requires_grad and matrix(p)]
     no_decay = [p for p in model.parameters() if p.requires_grad and not matrix(p)]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [{"params": decay, "weight_decay": weight_decay, "decay": True},
+            {"params": no_decay, "weight_decay": 0.0, "decay": False}]
 
 
 def _zero3(ds: dict) -> bool:

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 import kd
-from kd.reduce import all_reduce_dict
+from kd.reduce import all_reduce_dict, all_reduce_values
 from . import data
 
 
@@ -81,12 +81,16 @@ def exported_step(out_dir: Path) -> int | None:
     return json.loads(info.read_text())["step"] if info.is_file() else None
 
 
-def export_hf(student, tokenizer, out_dir: Path, step: int) -> None:
+def export_hf(student, tokenizer, out_dir: Path, step: int, trained: bool = True) -> None:
     """Collective. Rank 0 writes safetensors + config + tokenizer to a temp dir, then swaps it in
-    for ``out_dir`` in one atomic rename: there is always a complete export at ``out_dir``. An
-    export of this very step is kept as it is."""
+    for ``out_dir`` in one atomic rename: there is always a complete export at ``out_dir``. Skipped
+    only when this process trained nothing and ``out_dir`` already holds this step."""
     out_dir = Path(out_dir)
-    if exported_step(out_dir) == step:     # the same on every rank: a shared run directory
+    # every rank reads before any writes: the all-reduce is the meeting point
+    group = dist.group.WORLD if dist.is_initialized() else None
+    need, = all_reduce_values([float(trained or exported_step(out_dir) != step)], group, "max",
+                              student.engine.device)
+    if not need:
         return
     engine = student.engine
     state = engine._zero3_consolidated_16bit_state_dict() if student.zero3 else engine.module.state_dict()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import threading
 import time
 
 import torch
@@ -18,6 +19,7 @@ import torch.distributed as dist
 import kd
 from kd.reduce import IGNORE_INDEX, all_reduce_values
 from . import checkpoint, data, engines, evaluate, parallel, preflight
+from .cli import PARENT_ENV
 from .config import Config, ds_config, dump_yaml
 from .runlog import RunLogger
 from .tokenizer import load_tokenizer
@@ -28,15 +30,30 @@ class TrainingError(RuntimeError):
 
 
 class StopFlag:
-    """SIGTERM/SIGINT: finish the current step, save, exit cleanly."""
+    """SIGTERM/SIGINT, or the end of the kd-train process that launched this rank: finish the
+    current step, save, exit cleanly."""
 
     def __init__(self, device):
         self.requested, self.device = False, device
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
+        parent = os.environ.get(PARENT_ENV)
+        if parent:
+            threading.Thread(target=self._watch, args=(int(parent),), daemon=True).start()
 
     def _handle(self, signum, _frame):
         self.requested = True
+
+    def _watch(self, pid: int, every_s: float = 5.0) -> None:
+        """Nobody supervises ranks whose kd-train was killed: stop them as a signal would."""
+        while not self.requested:
+            time.sleep(every_s)
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                self.requested = True
+            except PermissionError:
+                pass
 
     def agreed(self) -> bool:
         """True on every rank if any rank was signalled (ranks must stop at the same step)."""
@@ -112,19 +129,21 @@ def run(cfg: Config) -> dict:
             eval_set, cfg.train.micro_batch, sp.dp_rank, sp.dp_world, pad_id=tokenizer.pad_id, drop_last=False,
             pad_to_multiple_of=sp.pad_to_multiple_of)
 
-    found, universal = plan.resume, plan.resume_world not in (None, world)   # None: loads at any size
-    student = engines.build_student(cfg, ds_config(cfg, "student", world, load_universal=universal),
+    found, same_world = plan.resume, plan.resume_world in (None, world)
+    student = engines.build_student(cfg, ds_config(cfg, "student", world, load_universal=plan.universal),
                                     tokenizer.vocab_size, sp)
     teacher = engines.build_teacher(cfg, ds_config(cfg, "teacher", world), tokenizer.vocab_size, sp) \
         if cfg.loss.method != "sft" else None
 
     stop = StopFlag(student.engine.device)
-    state = {"step": 0, "bad_steps": 0, "consecutive_bad": 0, "tokens_seen": 0}
+    state = {"step": 0, "bad_steps": 0, "last_finite_step": 0, "tokens_seen": 0}
     if found:
-        saved, rank_state = checkpoint.load(student.engine, *found, universal=universal)
+        saved, rank_state = checkpoint.load(student.engine, *found, universal=plan.universal, same_world=same_world)
         state.update({k: saved[k] for k in state if k in saved})
-        loader.load_state_dict(saved["loader"] if universal else rank_state["loader"])
-    log = RunLogger(run_dir, cfg, enabled=rank == 0, resumed_at=state["step"])
+        # the same on every rank, at any world size (checkpoints before 2026-12 kept it per rank)
+        loader.load_state_dict(saved.get("loader") or rank_state["loader"])
+    resumed_at = state["step"]
+    log = RunLogger(run_dir, cfg, enabled=rank == 0, resumed_at=resumed_at)
     if rank == 0:
         dump_yaml(cfg, run_dir / "config.yaml")
         evaluate.save_hf_meta(student.model, tokenizer, ckpt_dir / "hf_meta")
@@ -134,29 +153,32 @@ def run(cfg: Config) -> dict:
         log.info(line)
 
     def save():
-        checkpoint.save(student.engine, ckpt_dir, state["step"], {**state, "loader": loader.state_dict()},
-                        {"loader": loader.state_dict()}, cfg.train.keep_checkpoints,
-                        (run_dir / "config.yaml").read_text() if rank == 0 else "", state["consecutive_bad"] == 0)
+        checkpoint.save(student.engine, ckpt_dir, state["step"], {**state, "loader": loader.state_dict()}, {},
+                        cfg.train.keep_checkpoints, (run_dir / "config.yaml").read_text() if rank == 0 else "",
+                        state["last_finite_step"])
 
     last_saved = state["step"] if found else -1
     final = {}
     while state["step"] < cfg.train.steps:
         t0 = time.perf_counter()
-        lr = engines.set_lr(student, state["step"], cfg)
+        lr = engines.set_optimizer_settings(student, state["step"], cfg)
         stats = train_step(student, teacher, loader, sp, cfg, progress=state["step"] / cfg.train.steps)
         state["step"] += 1
         if stats is None:
             state["bad_steps"] += 1
-            state["consecutive_bad"] += 1
             log.warn(f"step {state['step']}: non-finite loss, step skipped "
                      f"({state['bad_steps']}/{cfg.train.max_bad_steps} allowed)")
             if state["bad_steps"] >= cfg.train.max_bad_steps:
+                good = checkpoint.confirmed(ckpt_dir, state["last_finite_step"])
                 raise TrainingError(
                     f"{state['bad_steps']} steps had a NaN/inf loss (limit train.max_bad_steps="
-                    f"{cfg.train.max_bad_steps}). The newest good checkpoint is kept in {ckpt_dir}. Lower "
-                    "train.lr, check the data for empty or corrupt records, or raise train.max_bad_steps.")
+                    f"{cfg.train.max_bad_steps}). "
+                    + (f"The newest checkpoint a finite step followed is kept: resume from it with "
+                       f"resume={ckpt_dir / good} and a lower train.lr. " if good else
+                       "No checkpoint was followed by a finite step; lower train.lr and start afresh. ")
+                    + "Check the data for empty or corrupt records, or raise train.max_bad_steps.")
         else:
-            state["consecutive_bad"] = 0
+            state["last_finite_step"] = state["step"]
             state["tokens_seen"] += stats["tokens_in"]
             stats.update(lr=lr, tokens_per_s=stats["tokens_in"] / (time.perf_counter() - t0))
             log.step(state["step"], stats)
@@ -176,6 +198,7 @@ def run(cfg: Config) -> dict:
     if eval_loader and not log.has_eval(state["step"]):
         final = evaluate.held_out(student, teacher, eval_loader(), sp, cfg)
         log.eval(state["step"], final)
-    evaluate.export_hf(student, tokenizer, run_dir / "student-hf", state["step"])
+    evaluate.export_hf(student, tokenizer, run_dir / "student-hf", state["step"],
+                       trained=state["step"] != resumed_at)
     log.close(final or log.last_eval())
     return final if rank == 0 else {}

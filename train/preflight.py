@@ -32,6 +32,7 @@ class ModelError(ValueError):
 class Plan:
     resume: tuple[Path, str] | None = None   # (checkpoints dir, tag)
     resume_world: int | None = None           # the world size that wrote it
+    universal: bool = False                   # it loads through DeepSpeed's universal checkpoint
     replaces: bool = False                    # overwrite=true over an earlier run
     notes: list[str] = field(default_factory=list)
 
@@ -173,11 +174,13 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 
 
 def _run_plan(cfg: Config, nproc: int) -> Plan:
-    plan = Plan()
+    plan, damaged = Plan(), []
     ckpt_dir = cfg.run_dir / "checkpoints"
-    plan.resume = checkpoint.find(cfg.resume, ckpt_dir, warn=lambda msg: plan.notes.append("WARNING: " + msg))
-    checkpoint.check_fresh_start(cfg, plan.resume)
-    plan.replaces = cfg.overwrite and plan.resume is None and bool(checkpoint.run_outputs(cfg.run_dir))
+    plan.resume = checkpoint.find(cfg.resume, ckpt_dir, warn=damaged.append)
+    plan.notes += [f"WARNING: {w}" for w in damaged]
+    checkpoint.check_fresh_start(cfg, plan.resume, damaged)
+    own = checkpoint.continues(cfg, plan.resume)
+    plan.replaces = cfg.overwrite and not own and bool(checkpoint.run_outputs(cfg.run_dir))
     if plan.resume is None:
         return plan
     tag_dir = Path(plan.resume[0]) / plan.resume[1]
@@ -188,8 +191,12 @@ def _run_plan(cfg: Config, nproc: int) -> Plan:
             f"train.steps above {step} to train further, or export that checkpoint with `kd-convert zero-to-hf "
             f"{tag_dir} OUT_DIR`.")
     plan.resume_world = (checkpoint.manifest(tag_dir) or {}).get("world_size") or checkpoint.world_size_of(tag_dir)
-    plan.notes.append(f"resuming from {tag_dir} (step {step}): weights, optimizer state, data position, step "
+    plan.notes.append(f"resuming from {tag_dir} (step {step}): weights, optimizer moments, data position, step "
                       "counters and RNG come from the checkpoint; every setting comes from this run's config")
+    later = [t for t in checkpoint.complete_tags(ckpt_dir) if checkpoint.step_of(t) > step] if own else []
+    if later:
+        plan.notes.append(f"WARNING: this run goes back to step {step}: its later checkpoints ({', '.join(later)}) "
+                          f"are replaced at the next save, and its metrics after step {step} are dropped")
     saved = _saved_config(tag_dir)
     if saved is not None:
         now, before = _flat(cfg.to_dict()), _flat(saved.to_dict())
@@ -202,13 +209,11 @@ def _run_plan(cfg: Config, nproc: int) -> Plan:
                 f"{tag_dir} was written with parallel.zero_stage={saved.parallel.zero_stage}; DeepSpeed cannot load "
                 f"it at zero_stage={cfg.parallel.zero_stage}. Resume with parallel.zero_stage={saved.parallel.zero_stage}.")
     if plan.resume_world != nproc:
-        how = ("the student loads it as it is (ZeRO stage 0 keeps whole states)"
-               if saved is not None and saved.parallel.zero_stage == 0 else
-               "the student resumes from DeepSpeed's universal checkpoint (made once, in the tag's 'universal' folder)")
+        plan.universal = cfg.parallel.zero_stage > 0
+        how = ("the student resumes from DeepSpeed's universal checkpoint (made once, in the tag's 'universal' folder)"
+               if plan.universal else "the student loads it as it is (ZeRO stage 0 keeps whole states)")
         plan.notes.append(f"the checkpoint was written by {plan.resume_world} ranks and this run has {nproc}: {how}, the "
                           "data continues from the same global sample, and per-rank random streams restart from train.seed")
-        if saved is not None and saved.parallel.zero_stage == 0:
-            plan.resume_world = None
     return plan
 
 

@@ -14,7 +14,8 @@ class RunLogger:
         self.enabled, self.cfg, self.run_dir = enabled, cfg, Path(run_dir)
         self.start = time.time()
         self.metrics_path = self.run_dir / "metrics.jsonl"
-        kept = self._records_until(resumed_at or 0)     # every rank: has_eval must agree everywhere
+        rows, cut = _records(self.metrics_path)         # every rank: has_eval must agree everywhere
+        kept = [r for r in rows if r.get("step", 0) <= (resumed_at or 0)]
         self.evals = [r for r in kept if r.get("kind") == "eval"]
         if not enabled:
             return
@@ -36,12 +37,8 @@ class RunLogger:
             from tqdm import tqdm
             self.bar = tqdm(total=cfg.train.steps, initial=resumed_at or 0, desc=cfg.run_name,
                             dynamic_ncols=True)
-
-    def _records_until(self, step: int) -> list[dict]:
-        if not self.metrics_path.exists():
-            return []
-        rows = (json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip())
-        return [r for r in rows if r.get("step", 0) <= step]
+        if cut:
+            self.warn(f"{self.metrics_path}: dropped {cut} record(s) cut short (a run killed while writing)")
 
     def _write(self, record: dict) -> None:
         self.metrics.write(json.dumps(record) + "\n")
@@ -102,8 +99,22 @@ class RunLogger:
             write_report(self.run_dir, c.run_name, summary, {c.run_name: self.run_dir})
 
 
+def _records(path: Path) -> tuple[list[dict], int]:
+    """The records of a metrics file, and how many lines were cut short (a killed run, a full disk)."""
+    if not path.exists():
+        return [], 0
+    rows, cut = [], 0
+    for line in path.read_text().splitlines():
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                cut += 1
+    return rows, cut
+
+
 def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
-    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows, _ = _records(Path(run_dir) / "metrics.jsonl")
     return [r for r in rows if r.get("kind") != "eval"], [r for r in rows if r.get("kind") == "eval"]
 
 

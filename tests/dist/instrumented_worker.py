@@ -3,7 +3,8 @@ environment variable:
 
 - ``KD_TEST_GRADS=PATH``: the full gradients of the first optimizer step, saved by rank 0.
 - ``KD_TEST_COUNTS=PATH``: JSON from rank 0, per step: forwards of the student's MLPs (a layer
-  recomputed by activation checkpointing runs its MLP twice), and DeepSpeed's backward prologues.
+  recomputed by activation checkpointing runs its MLP twice), DeepSpeed's backward prologues, and
+  the optimizer's own settings (lr, betas, weight decay of each group) as the step applies them.
 - ``KD_TEST_NAN=CALL[,CALL...]``: the fused loss of those calls (counted from 1 over the run, one
   call per micro-batch; run without data.eval, whose batches call it too) is made NaN on every
   rank, as a non-finite micro-batch would be.
@@ -21,12 +22,15 @@ import train.loop
 from train.cli import exit_process, main
 
 counts = {"mlp_forwards": [0], "backward_prologues": [0]}
+optimizer = []
 captured = False
 original_step = deepspeed.DeepSpeedEngine.step
 
 
 def step_and_record(self, *args, **kwargs):
     global captured
+    if self.optimizer is not None:
+        optimizer.append([[g["lr"], list(g["betas"]), g["weight_decay"]] for g in self.optimizer.param_groups])
     if os.environ.get("KD_TEST_GRADS") and not captured:
         captured = True      # on every rank: the gather below is collective under ZeRO-3
         grads = {n: safe_get_full_grad(p).detach().clone() for n, p in self.module.named_parameters()}
@@ -74,5 +78,5 @@ if nan_calls:
 code = main(sys.argv[1:])
 if os.environ.get("KD_TEST_COUNTS") and int(os.environ.get("RANK", 0)) == 0:
     with open(os.environ["KD_TEST_COUNTS"], "w") as f:
-        json.dump({k: v[:-1] for k, v in counts.items()}, f)
+        json.dump({**{k: v[:-1] for k, v in counts.items()}, "optimizer": optimizer}, f)
 exit_process(code)

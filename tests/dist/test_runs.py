@@ -28,18 +28,19 @@ def test_a_rerun_never_overwrites_and_a_resume_says_what_changed(kd_setup, tmp_p
     before = (run / "metrics.jsonl").read_bytes()
     tags = sorted(p.name for p in (run / "checkpoints").iterdir())
 
-    for args in ([recipe, *common, "train.steps=2"], [run / "config.yaml"]):   # the recipe again; config.yaml as it is
-        out = kd_train(*args, check=False, timeout=60)
-        assert out.returncode == 2 and "Traceback" not in out.stderr
-        assert all(s in out.stderr for s in ("already holds an earlier run", "resume=auto", "run_name=",
-                                             "overwrite=true")), out.stderr
+    out = kd_train(recipe, *common, "train.steps=2", check=False, timeout=60)     # the recipe again
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert all(s in out.stderr for s in ("already holds an earlier run", "resume=auto", "run_name=",
+                                         "overwrite=true")), out.stderr
     assert (run / "metrics.jsonl").read_bytes() == before
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == tags
-    assert "resume=auto" in (run / "config.yaml").read_text().splitlines()[1]
 
-    out = kd_train(run / "config.yaml", "resume=auto", check=False, timeout=60)   # finished: nothing to redo
+    # config.yaml as it is, following its own hint, continues the run: finished, so nothing to redo
+    assert (run / "config.yaml").read_text().splitlines()[1] == f"# Continue this run: kd-train {run / 'config.yaml'}"
+    out = kd_train(run / "config.yaml", check=False, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     assert [r.get("kind") for r in records(run)] == [None, None, "eval"]       # no second eval record
+    assert (run / "metrics.jsonl").read_bytes() == before
     out = kd_train(run / "config.yaml", "resume=auto", "train.steps=1", check=False, timeout=60)
     assert out.returncode == 2 and "past train.steps=1" in out.stderr
 
@@ -53,6 +54,10 @@ def test_a_rerun_never_overwrites_and_a_resume_says_what_changed(kd_setup, tmp_p
     moved = tmp_path / "again.replaced-1"
     assert [r["step"] for r in metrics(moved)] == [1, 2, 3] and [r["step"] for r in metrics(run)] == [1, 2]
     assert (moved / "checkpoints" / "latest").read_text() == "step_00000003"
+    # from another run's checkpoint over this one: this one is moved aside too, not rewritten
+    kd_train(recipe, *common, "train.steps=4", f"resume={moved / 'checkpoints'}", "overwrite=true")
+    assert [r["step"] for r in metrics(tmp_path / "again.replaced-2")] == [1, 2]
+    assert [r["step"] for r in metrics(run)] == [4] and [r["step"] for r in metrics(moved)] == [1, 2, 3]
 
 
 def test_a_damaged_newest_checkpoint_falls_back_or_is_named(kd_setup, tmp_path):
@@ -93,21 +98,24 @@ def test_a_full_disk_keeps_the_previous_checkpoint(kd_setup, tmp_path):
         subprocess.run(["umount", str(disk)])
 
 
-def test_resume_on_another_number_of_ranks(kd_setup, tmp_path):
-    """2 ranks -> 1 rank with twice the accumulation: the same global batches, so the steps after
-    the resume match the run that stayed on 2 ranks."""
+@pytest.mark.parametrize("zero, before, after", [(3, (2, 1), (1, 2)), (0, (1, 2), (2, 1))],
+                         ids=["zero3-2-to-1-ranks", "stage0-1-to-2-ranks"])
+def test_resume_on_another_number_of_ranks(kd_setup, tmp_path, zero, before, after):
+    """Ranks x grad_accum kept: the same global batches, so the steps after the resume match the
+    run that stayed put (ZeRO-3 through DeepSpeed's universal checkpoint; stage 0 as it is)."""
     recipe = kd_setup / "recipe.yaml"
-    common = [f"output_dir={tmp_path}", "data.eval=null"]
-    kd_train(recipe, *common, "run_name=two", "train.steps=4")
-    kd_train(recipe, *common, "run_name=moved", "train.steps=4", "train.save_every=2", check=False,
-             env={"KD_FAULT": "kill-during-save:4"})           # stopped after step 2's checkpoint
+    common = [f"output_dir={tmp_path}", "data.eval=null", f"parallel.zero_stage={zero}", "train.steps=4"]
+    (n0, gas0), (n1, gas1) = before, after
+    kd_train(recipe, *common, "run_name=stay", f"parallel.nproc={n0}", f"train.grad_accum={gas0}")
+    kd_train(recipe, *common, "run_name=moved", f"parallel.nproc={n0}", f"train.grad_accum={gas0}",
+             "train.save_every=2", check=False, env={"KD_FAULT": "kill-during-save:4"})   # stopped after step 2
     assert (tmp_path / "moved" / "checkpoints" / "latest").read_text() == "step_00000002"
-    out = kd_train(recipe, *common, "run_name=moved", "train.steps=4", "resume=auto", "parallel.nproc=1",
-                   "train.grad_accum=2")
-    assert "written by 2 ranks and this run has 1" in out.stdout
-    two, moved = metrics(tmp_path / "two"), metrics(tmp_path / "moved")
+    out = kd_train(recipe, *common, "run_name=moved", "resume=auto", f"parallel.nproc={n1}", f"train.grad_accum={gas1}")
+    assert f"written by {n0} ranks and this run has {n1}" in out.stdout
+    assert ("universal checkpoint" in out.stdout) == (zero > 0)
+    stay, moved = metrics(tmp_path / "stay"), metrics(tmp_path / "moved")
     assert [r["step"] for r in moved] == [1, 2, 3, 4]
-    for a, b in zip(two, moved):
+    for a, b in zip(stay, moved):
         assert b["tokens"] == a["tokens"] and b["loss"] == pytest.approx(a["loss"], rel=1e-5), a["step"]
 
 
@@ -127,6 +135,26 @@ def test_ctrl_c_saves_and_exits_0(kd_setup, tmp_path):
     assert proc.returncode == 0, out[-3000:]
     saved = int((run / "checkpoints" / "latest").read_text().split("_")[-1])
     assert "stop requested" in out and [r["step"] for r in metrics(run)] == list(range(1, saved + 1))
+
+
+def test_ranks_stop_and_save_when_kd_train_is_killed(kd_setup, tmp_path):
+    """kd-train SIGKILLed (no chance to pass anything on): its ranks notice, save and exit."""
+    import psutil
+    run = tmp_path / "orphan"
+    proc = subprocess.Popen([sys.executable, "-m", "train", str(kd_setup / "recipe.yaml"), f"output_dir={tmp_path}",
+                             "run_name=orphan", "train.steps=400", "data.eval=null"], cwd=REPO,
+                            env={**os.environ, "DS_ACCELERATOR": "cpu"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((run / "metrics.jsonl").exists() and metrics(run)):
+        time.sleep(0.5)
+    children = psutil.Process(proc.pid).children(recursive=True)
+    proc.kill()
+    proc.wait()
+    _, alive = psutil.wait_procs(children, timeout=120)
+    assert not alive
+    saved = int((run / "checkpoints" / "latest").read_text().split("_")[-1])
+    assert 0 < saved < 400 and [r["step"] for r in metrics(run)] == list(range(1, saved + 1))
 
 
 def test_bad_inputs_fail_before_any_rank_starts(kd_setup, tmp_path):

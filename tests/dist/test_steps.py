@@ -32,17 +32,32 @@ def assert_same(a, b):
 
 
 def test_grad_accum_equals_one_micro_batch_twice_the_size(kd_setup, tmp_path):
-    """Rank r gets the same examples either way; a non-finite micro-batch makes the bigger batch
-    non-finite too, so the step is skipped whichever micro-batch it is, and the next step (LR
-    included) is the same as with one micro-batch."""
+    """Rank r gets the same examples either way: the first step's gradients (a scale error shows
+    here, where Adam and clipping would hide it in the weights), losses and weights agree."""
     one = ["train.micro_batch=4", "train.grad_accum=1", "train.steps=2"]
     two = ["train.micro_batch=2", "train.grad_accum=2", "train.steps=2"]
-    assert_same(train(kd_setup, tmp_path, "mb4", *one), train(kd_setup, tmp_path, "mb2x2", *two))
+    g1, g2 = tmp_path / "g1.pt", tmp_path / "g2.pt"
+    assert_same(train(kd_setup, tmp_path, "mb4", *one, env={"KD_TEST_GRADS": str(g1)}),
+                train(kd_setup, tmp_path, "mb2x2", *two, env={"KD_TEST_GRADS": str(g2)}))
+    g1, g2 = torch.load(g1), torch.load(g2)
+    scale = max(g.abs().max().item() for g in g1.values())
+    assert scale > 1e-3 and max((g2[n] - g1[n]).abs().max().item() for n in g1) < 1e-5 * scale
 
-    skipped = train(kd_setup, tmp_path, "mb4-nan", *one, env={"KD_TEST_NAN": "1"})
+
+@pytest.mark.parametrize("zero", ["3", "2", "2-offload", "1", "0"])
+def test_a_non_finite_micro_batch_skips_the_whole_step(kd_setup, tmp_path, zero):
+    """A non-finite micro-batch makes the bigger batch non-finite too: the step is skipped (the
+    gradients the step's first micro-batch left behind are dropped, at every ZeRO stage), and the
+    next step, LR included, equals the run with one micro-batch whose first step was skipped."""
+    init = f"model.student={kd_setup / 'student-init'}"      # the same weights at every stage
+    skipped = train(kd_setup, tmp_path, "mb4-nan", init, "train.micro_batch=4", "train.grad_accum=1", "train.steps=2",
+                    env={"KD_TEST_NAN": "1"})
     assert [r["step"] for r in skipped[0]] == [2]
-    for nan in ("2", "1"):          # the step's second, then its first micro-batch
-        assert_same(skipped, train(kd_setup, tmp_path, f"mb2x2-nan{nan}", *two, env={"KD_TEST_NAN": nan}))
+    stage = ["parallel.zero_stage=" + zero[0]] + (["parallel.offload_optimizer=true"] if "offload" in zero else [])
+    two = [init, "train.micro_batch=2", "train.grad_accum=2", "train.steps=2", *stage]
+    assert_same(skipped, train(kd_setup, tmp_path, "mb2x2-nan2", *two, env={"KD_TEST_NAN": "2"}))
+    if zero == "3":                     # the step's first micro-batch: nothing accumulated yet
+        assert_same(skipped, train(kd_setup, tmp_path, "mb2x2-nan1", *two, env={"KD_TEST_NAN": "1"}))
 
 
 def counts(kd_setup, tmp_path, name, *overrides):
@@ -84,3 +99,31 @@ def test_zero3_variants_equal_stage0(kd_setup, tmp_path):
     offload.write_text(json.dumps(conf))
     assert_same(stage0, train(kd_setup, tmp_path, "zero3-offload", *common, "parallel.offload_optimizer=true",
                               f"parallel.ds_config_student={offload}"))
+
+
+def test_a_resumed_run_uses_its_own_optimizer_settings(kd_setup, tmp_path):
+    """A checkpoint's optimizer state carries the old run's lr, betas and weight decay; the resumed
+    run's settings are what the optimizer applies (read off its param groups at each step)."""
+    run_deepspeed("tests/dist/instrumented_worker.py", kd_setup / "recipe.yaml", f"output_dir={tmp_path}",
+                  "run_name=opt", "data.eval=null", "train.steps=2")
+    path = tmp_path / "opt.json"
+    run_deepspeed("tests/dist/instrumented_worker.py", kd_setup / "recipe.yaml", f"output_dir={tmp_path}",
+                  "run_name=opt", "data.eval=null", "train.steps=3", "resume=auto", "train.lr=1e-3",
+                  "train.betas=[0.8,0.9]", "train.weight_decay=0.1", env={"KD_TEST_COUNTS": str(path)})
+    from train.engines import warmup_cosine
+    (decay, no_decay), = json.loads(path.read_text())["optimizer"]        # step 3 only
+    assert decay[0] == no_decay[0] == pytest.approx(1e-3 * warmup_cosine(2, 1, 3, 0.1))
+    assert decay[1] == no_decay[1] == pytest.approx([0.8, 0.9])
+    assert (decay[2], no_decay[2]) == (0.1, 0.0)
+
+
+def test_a_streak_of_non_finite_steps_keeps_the_last_checkpoint_a_finite_step_followed(kd_setup, tmp_path):
+    """Steps 1-2 finite, 3-5 not (keep_checkpoints=1, a save every step): the checkpoint of step 2
+    holds the update the NaNs came from; step 1's, followed by finite step 2, is kept and named."""
+    out = run_deepspeed("tests/dist/instrumented_worker.py", kd_setup / "recipe.yaml", f"output_dir={tmp_path}",
+                        "run_name=streak", "data.eval=null", "train.steps=8", "train.save_every=1",
+                        "train.keep_checkpoints=1", "train.max_bad_steps=3", env={"KD_TEST_NAN": "3,4,5"},
+                        check=False)
+    ckpts = tmp_path / "streak" / "checkpoints"
+    assert out.returncode != 0 and f"resume={ckpts / 'step_00000001'}" in out.stderr, out.stderr[-3000:]
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_00000001", "step_00000004"]

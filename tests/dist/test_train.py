@@ -111,18 +111,17 @@ def test_teacher_with_another_tokenizer_is_refused(kd_setup, tmp_path):
 
 
 def test_nan_losses_are_skipped_then_stop_with_checkpoint_intact(kd_setup):
-    """Step 1 is finite and its update explodes the weights; the saves of the non-finite steps 2 and 3
-    do not rotate the last healthy checkpoint out (keep_checkpoints=1)."""
+    """Step 1 is finite and its update explodes the weights: no checkpoint is ever followed by a
+    finite step, and the message says so instead of offering one (test_steps: one that is)."""
     run = kd_setup / "runs" / "nan"
     proc = kd_train(kd_setup / "recipe.yaml", "run_name=nan", "train.steps=12", "train.save_every=1",
                     "train.lr=1e12", "train.grad_clip=0", "train.max_bad_steps=3", "train.warmup_steps=0",
                     "train.keep_checkpoints=1", check=False)
     assert proc.returncode != 0
     assert "NaN/inf loss" in proc.stderr and "train.max_bad_steps" in proc.stderr, proc.stderr[-3000:]
+    assert "No checkpoint was followed by a finite step" in proc.stderr
     ckpts = run / "checkpoints"
-    assert (ckpts / "latest").read_text() == "step_00000003"
-    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_00000001", "step_00000003"]
-    assert json.loads((ckpts / "step_00000001" / "COMPLETE").read_text())["healthy"] is True
+    assert (ckpts / "latest").read_text() == "step_00000003" and (ckpts / "step_00000003" / "COMPLETE").exists()
 
 
 def test_config_typo_fails_before_launch_with_a_suggestion(kd_setup):

@@ -10,25 +10,26 @@ from train.config import load_config
 from train.evaluate import replace_dir
 
 
-def fake(ckpt_dir, step, complete=True, healthy=True, payload=b"x" * 10):
+def fake(ckpt_dir, step, complete=True, payload=b"x" * 10):
     d = ckpt_dir / C.tag_for(step)
     d.mkdir(parents=True)
     (d / "weights.pt").write_bytes(payload)
     if complete:
-        (d / C.COMPLETE).write_text(json.dumps({"step": step, "world_size": 2, "healthy": healthy,
-                                                "files": {"weights.pt": len(payload)}}))
+        (d / C.COMPLETE).write_text(json.dumps({"step": step, "world_size": 2, "files": {"weights.pt": len(payload)}}))
     return d
 
 
-def test_prune_keeps_the_newest_healthy_checkpoint_through_a_streak_of_bad_steps(tmp_path):
-    fake(tmp_path, 1)
-    for step in (2, 3, 4):
-        fake(tmp_path, step, healthy=False)
-    C._prune(tmp_path, 4, keep=1)
-    assert C.complete_tags(tmp_path) == [C.tag_for(1), C.tag_for(4)]
-    fake(tmp_path, 5)
-    C._prune(tmp_path, 5, keep=1)                   # a healthy one again: the old one may go
-    assert C.complete_tags(tmp_path) == [C.tag_for(5)]
+def test_prune_keeps_the_newest_checkpoint_a_finite_step_followed(tmp_path):
+    """Steps 1-3 finite, then NaN: the checkpoint of step 3 holds the update the NaN came from; the
+    one of step 2 is the newest a finite step (3) followed, and survives keep_checkpoints=1."""
+    for step in (1, 2, 3, 4, 5):
+        fake(tmp_path, step)
+        C._prune(tmp_path, step, keep=1, last_finite=min(step, 3))
+    assert C.complete_tags(tmp_path) == [C.tag_for(2), C.tag_for(5)]
+    assert C.confirmed(tmp_path, 3) == C.tag_for(2)
+    fake(tmp_path, 6)
+    C._prune(tmp_path, 6, keep=1, last_finite=6)     # finite again: step 5 is confirmed, step 2 may go
+    assert C.complete_tags(tmp_path) == [C.tag_for(5), C.tag_for(6)]
 
 
 def test_prune_removes_interrupted_saves_and_an_abandoned_future(tmp_path):
@@ -37,14 +38,14 @@ def test_prune_removes_interrupted_saves_and_an_abandoned_future(tmp_path):
     fake(tmp_path, 9)                               # this run resumed from step 2 and abandoned 9
     fake(tmp_path, 4)
     fake(tmp_path, 7, complete=False)               # killed in the abandoned future
-    C._prune(tmp_path, 4, keep=2)
+    C._prune(tmp_path, 4, keep=2, last_finite=4)
     assert sorted(p.name for p in tmp_path.iterdir()) == [C.tag_for(2), C.tag_for(4)]
 
 
 def test_auto_resume_skips_a_damaged_checkpoint_and_an_explicit_one_is_refused(tmp_path):
     fake(tmp_path, 3)
     newest = fake(tmp_path, 6)
-    (tmp_path / "latest").write_text(C.tag_for(6))
+    (tmp_path / "latest").write_text(C.tag_for(3))       # killed between COMPLETE and 'latest'
     assert C.find("auto", tmp_path) == (tmp_path, C.tag_for(6))
     (newest / "weights.pt").write_bytes(b"x" * 4)                  # truncated
     warnings = []
@@ -67,6 +68,11 @@ def test_a_run_directory_with_outputs_is_refused_unless_continued_or_overwritten
         C.check_fresh_start(cfg, None)
     assert all(s in str(e.value) for s in ("resume=auto", "run_name=", "overwrite=true", "metrics.jsonl"))
     C.check_fresh_start(cfg, (tmp_path / "r" / "checkpoints", C.tag_for(2)))   # continuing it is fine
+    auto = load_config(None, ["model.student=demo-student", "loss.method=sft", "data.train=x.jsonl",
+                              f"output_dir={tmp_path}", "run_name=r", "resume=auto"])
+    with pytest.raises(C.CheckpointError, match="resume=auto found no checkpoint to continue .* step_00000002 is "
+                                                "damaged.*overwrite=true"):
+        C.check_fresh_start(auto, None, ["checkpoint step_00000002 is damaged"])
     other = load_config(None, ["model.student=demo-student", "loss.method=sft", "data.train=x.jsonl",
                                f"output_dir={tmp_path}", "run_name=r", "overwrite=true"])
     C.check_fresh_start(other, None)
@@ -84,3 +90,26 @@ def test_replace_dir_swaps_in_one_rename(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "replace", lambda *a: renames.append(a))   # the fallback's two renames
     replace_dir(new, target)
     assert renames == [] and (target / "model.safetensors").read_text() == "new" and not new.exists()
+
+
+def test_a_failed_write_names_the_rank_the_space_and_what_is_kept(tmp_path, monkeypatch):
+    """A write that fails after the space check (another job filled the disk): one paragraph that
+    every rank seeing it prints, the previous checkpoint and 'latest' untouched."""
+    import errno
+
+    import torch
+
+    class Engine:
+        device = "cpu"
+        module = torch.nn.Linear(2, 2)
+
+        def save_checkpoint(self, *a, **k):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    fake(tmp_path, 1)
+    (tmp_path / "latest").write_text(C.tag_for(1))
+    with pytest.raises(C.CheckpointError) as e:
+        C.save(Engine(), tmp_path, 2, {}, {}, keep=1, config_yaml="", last_finite=2)
+    assert e.value.rank_local and "failed on rank 0: [Errno 28] No space left on device" in str(e.value)
+    assert "MB are free on" in str(e.value) and "'latest' are intact" in str(e.value)
+    assert (tmp_path / "latest").read_text() == C.tag_for(1) and C.complete_tags(tmp_path) == [C.tag_for(1)]

@@ -295,11 +295,14 @@ def test_chat_template_and_overwrite_keys(tmp_path):
         assert load(text).data.chat_template == want
     with pytest.raises(ConfigError, match="data.chat_template expects one of 'auto', 'true', 'false'"):
         load("data.chat_template=yes")
-    c = load("overwrite=true", "run_name=o")
+    c = load("overwrite=true", "run_name=o", "resume=runs/o/checkpoints/step_00000008")
     assert c.overwrite is True
-    path = C.dump_yaml(c, tmp_path / "config.yaml")              # a one-time action: never repeated by a rerun
-    assert load_config(str(path), []).overwrite is False
-    assert "resume=auto" in path.read_text().splitlines()[1]
+    # actions of the start, never repeated by rerunning config.yaml: it continues the run
+    path = C.dump_yaml(c, tmp_path / "config.yaml")
+    again = load_config(str(path), [])
+    assert again.overwrite is False and again.resume == "auto"
+    assert again.train == c.train and again.model == c.model and again.data == c.data
+    assert path.read_text().splitlines()[1] == f"# Continue this run: kd-train {path}"
 
 
 def test_ds_config_teacher():
