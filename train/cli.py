@@ -25,7 +25,7 @@ EPILOG = """\
 examples:
   kd-train                                          the CPU demo (data, tokenizer, teacher made here)
   kd-train recipes/demo.yaml train.steps=8 run_name=x
-  kd-train runs/x/config.yaml resume=auto           continue a run from its newest checkpoint
+  kd-train runs/x/config.yaml                       continue a run from its newest checkpoint
   deepspeed --hostfile hosts -m train RECIPE        already launched: kd-train runs as one rank
 
 overrides are dotted keys: train.steps=8, loss.params.k=16, data.pack=true, train.betas=[0.9,0.99].

@@ -84,10 +84,11 @@ def _kd_train(recipe: str, overrides: list[str]) -> None:
         sys.exit(code)
 
 
-def compare(models: dict[str, Path], eval_path: Path, tokenizer_path: Path, n: int, max_new_tokens: int,
+def compare(models: dict, eval_path: Path, tokenizer_path: Path, n: int, max_new_tokens: int,
             k: int = 5, chat_template: str = "auto") -> dict[str, dict]:
     """One process: greedy exact match and ROUGE-L, held-out NLL, and OR@k / CR@k against the
-    first model (the teacher), each on the same held-out records."""
+    first model (the teacher), each on the same held-out records. ``models``: a name (any key) ->
+    HF directory; the results come back under the same keys."""
     from transformers import AutoModelForCausalLM
 
     import kd
@@ -190,17 +191,22 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(str(RECIPE), [])
     ensure_prerequisites(cfg)
     timings = {"data + teacher": time.time() - t0}
-    per_seed, out, method = {}, cfg.run_dir, cfg.loss.method.upper()
+    out, method = cfg.run_dir, cfg.loss.method.upper()
+    runs = {}
     for seed in args.seeds:
-        runs, times = train_students(cfg, seed)
+        runs[seed], times = train_students(cfg, seed)
         timings.update({f"{k} (seed {seed})" if len(args.seeds) > 1 else k: v for k, v in times.items()})
-        log(f"evaluating teacher and students on held-out prompts (seed {seed})")
-        models = {"teacher": Path(cfg.model.teacher), "SFT student": runs["SFT"] / "student-hf",
-                  f"{method} student": runs[method] / "student-hf"}
-        per_seed[seed] = compare(models, Path(cfg.data.eval), Path(cfg.data.tokenizer), cfg.data.eval_samples,
-                                 cfg.data.max_new_tokens, chat_template=cfg.data.chat_template)
-        if seed == args.seeds[0]:
-            report = write_report(out, per_seed[seed], runs, timings, cfg.data.eval_samples)
+    log("evaluating the teacher and the students on held-out prompts")
+    # one call: the teacher is decoded once, and every student is aligned with the same teacher logits
+    models = {"teacher": Path(cfg.model.teacher)}
+    models.update({(seed, f"{label} student"): r[label] / "student-hf" for seed, r in runs.items() for label in r})
+    results = compare(models, Path(cfg.data.eval), Path(cfg.data.tokenizer), cfg.data.eval_samples,
+                      cfg.data.max_new_tokens, chat_template=cfg.data.chat_template)
+    teacher = results.pop("teacher")
+    per_seed = {seed: {"teacher": teacher} for seed in args.seeds}
+    for (seed, name), r in results.items():
+        per_seed[seed][name] = r
+    report = write_report(out, per_seed[args.seeds[0]], runs[args.seeds[0]], timings, cfg.data.eval_samples)
     for name, r in per_seed[args.seeds[0]].items():
         log(f"{name:14s} exact match {r['exact_match']:.3f}  ROUGE-L {r['rouge_l']:.3f}  NLL {r['nll']:.4f}")
     if len(args.seeds) > 1:

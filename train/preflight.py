@@ -41,10 +41,9 @@ def check(cfg: Config, nproc: int) -> Plan:
     """Raise a user error (one paragraph) on the first problem; the plan of the run otherwise."""
     if not os.environ.get(CHECKED_ENV):
         _paths(cfg)
-        for key in ("data.train", "data.eval"):
-            path = getattr(cfg.data, key.split(".")[1])
+        for path, limit in ((cfg.data.train, None), (cfg.data.eval, cfg.data.eval_samples)):
             if path:
-                _records(path, cfg.data.eval_samples if key == "data.eval" else None)
+                _records(path, limit)
         _models(cfg)
     _parallel(cfg, nproc)
     return _run_plan(cfg, nproc)
