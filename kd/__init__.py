@@ -1,6 +1,7 @@
 """kd: the distillation module. Pure PyTorch; importable without DeepSpeed.
 
 - ``kd.losses``: per-token losses ``(student_logits, teacher_logits, T, **params) -> [N]`` and a registry
+- ``kd.misfeedback``: class KD's per-token ``-min(KL(q || c), kappa)`` (an extra term, not a method)
 - ``kd.distill_loss``: a method's loss on materialised logits (masking, T^2, term mixing)
 - ``kd.fused_distill_loss``: the same from hidden states and lm-head weights, chunked
 - ``kd.reduce``: sum / count over data- and sequence-parallel ranks
@@ -9,7 +10,8 @@
 """
 from . import losses, metrics, reduce, schedule
 from .head import fused_distill_loss, softcap
+from .losses import misfeedback
 from .objective import METHODS, Objective, build_objective, distill_loss
 
 __all__ = ["losses", "metrics", "reduce", "schedule", "distill_loss", "fused_distill_loss",
-           "build_objective", "Objective", "METHODS", "softcap"]
+           "build_objective", "Objective", "METHODS", "softcap", "misfeedback"]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from . import metrics
+from . import losses, metrics
 from .objective import align_vocab, build_objective
 from .reduce import IGNORE_INDEX, all_reduce_dict, global_mean
 
@@ -48,14 +48,19 @@ def fused_distill_loss(student_hidden: Tensor, student_weight: Tensor,
                        student_softcap: float | None = None, teacher_softcap: float | None = None,
                        progress: float = 0.0, vocab_size: int | None = None, group=None,
                        grads_averaged: bool = True, metrics_k: int | None = None,
-                       **cfg) -> tuple[Tensor, dict]:
+                       classmate_hidden: Tensor | None = None, classmate_weight: Tensor | None = None,
+                       classmate_softcap: float | None = None, misfeedback_weight: float = 0.1,
+                       kappa: float = 1.0, **cfg) -> tuple[Tensor, dict]:
     """Same loss and student gradients as :func:`kd.distill_loss` on the materialised logits.
 
     ``student_hidden [N, Hs]`` and ``teacher_hidden [N, Ht]`` are final hidden states (after the
     final norm), ``*_weight [V, H]`` the lm-head weights, ``labels [N]`` aligned with the rows.
     With ``group`` the loss is the mean over the counted tokens of every rank in the group (see
     :mod:`kd.reduce`). ``metrics_k`` adds OR@k / CR@k / top-1 agreement to the stats, computed
-    inside the chunks. Returns ``(loss, stats)`` like ``distill_loss``.
+    inside the chunks. ``classmate_hidden [N, Hc]`` and ``classmate_weight [V, Hc]`` (class KD;
+    any hidden size, the student's vocabulary) add the misfeedback term of ``distill_loss``'s
+    ``classmate_logits``; the classmate gets no gradient. Returns ``(loss, stats)`` like
+    ``distill_loss``.
     """
     obj = build_objective(method, progress, **cfg)
     if chunk_size < 1:
@@ -75,6 +80,18 @@ def fused_distill_loss(student_hidden: Tensor, student_weight: Tensor,
         ht_all = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
         if ht_all.shape[0] != hs_all.shape[0]:
             raise ValueError(f"teacher hidden states have {ht_all.shape[0]} positions, student {hs_all.shape[0]}")
+    if (classmate_hidden is None) != (classmate_weight is None):
+        raise ValueError("the misfeedback term needs both classmate_hidden and classmate_weight")
+    if classmate_hidden is not None:
+        losses._check_kappa(kappa)   # up front: a rank without counted tokens must fail too
+        hc_all = classmate_hidden.reshape(-1, classmate_hidden.shape[-1])
+        if hc_all.shape[0] != hs_all.shape[0]:
+            raise ValueError(f"classmate hidden states have {hc_all.shape[0]} positions, student {hs_all.shape[0]}")
+        W_c = classmate_weight[:vocab_size] if vocab_size else classmate_weight
+        if W_c.shape != (W_s.shape[0], hc_all.shape[1]):
+            raise ValueError(f"classmate lm-head weight is {tuple(W_c.shape)} (after the vocab_size cut), "
+                             f"expected [{W_s.shape[0]}, {hc_all.shape[1]}]: the student's vocabulary "
+                             "and the classmate's hidden size")
 
     need_h = torch.is_grad_enabled() and student_hidden.requires_grad
     need_w = torch.is_grad_enabled() and student_weight.requires_grad
@@ -88,6 +105,7 @@ def fused_distill_loss(student_hidden: Tensor, student_weight: Tensor,
     total = torch.zeros((), dtype=cdt, device=hs_all.device)
     # Every key from the start: a rank without counted tokens must join the same reduction.
     names = [t.name for t in obj.terms] + (["ce"] if obj.ce_weight else [])
+    names += ["misfeedback", "classmate_kl"] if classmate_hidden is not None else []
     if metrics_k and obj.needs_teacher:
         k = min(metrics_k, W_s.shape[0])
         names += [f"overlap@{k}", f"consistency@{k}", "top1_agreement", "tokens"]
@@ -100,10 +118,14 @@ def fused_distill_loss(student_hidden: Tensor, student_weight: Tensor,
         if obj.needs_teacher:
             with torch.no_grad():
                 a = softcap((ht_all.index_select(0, idx) @ W_t.T).to(cdt), teacher_softcap)
+        c = None
+        if classmate_hidden is not None:
+            with torch.no_grad():
+                c = softcap((hc_all.index_select(0, idx) @ W_c.T).to(cdt), classmate_softcap)
         with torch.enable_grad():
             x = (h @ W_s.detach().T).to(cdt).requires_grad_(need_h or need_w)
             z = softcap(x, student_softcap)
-            per = obj.token_losses(z, a, lab)
+            per = obj.token_losses(z, a, lab, c, misfeedback_weight, kappa)
             chunk_sum = per["loss"].sum()
             gx = torch.autograd.grad(chunk_sum, x)[0].to(W_s.dtype) if (need_h or need_w) else None
         total += chunk_sum.detach()
@@ -117,7 +139,7 @@ def fused_distill_loss(student_hidden: Tensor, student_weight: Tensor,
             grad_h.index_copy_(0, idx, gx @ W_s.detach())
         if need_w:
             grad_w.addmm_(gx.T.to(grad_w.dtype), h.to(grad_w.dtype))
-        del x, z, a, per, gx
+        del x, z, a, c, per, gx
 
     grad_w_full = grad_w
     if need_w and (grad_w.dtype != student_weight.dtype or grad_w.shape != student_weight.shape):

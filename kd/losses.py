@@ -7,6 +7,7 @@ works). Masking, T^2, term weights and the reduction belong to :mod:`kd.objectiv
 method reduces the same way.
 
 Adding a loss: write one function here, add one line to ``REGISTRY``, add one test.
+``misfeedback`` (class KD) is an extra term beside a method, so it stays out of ``REGISTRY``.
 """
 from __future__ import annotations
 
@@ -100,6 +101,34 @@ def tvd(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0
     p = _log_probs(teacher_logits, temperature).exp()
     q = _log_probs(student_logits, temperature).exp()
     return 0.5 * (p - q).abs().sum(-1)
+
+
+# --- class KD's misfeedback (not a method: an extra term on student-generated batches) ----------
+
+
+def _check_kappa(kappa: float) -> None:
+    if not kappa > 0:
+        raise ValueError(f"misfeedback: kappa={kappa} must be positive (nats; the default is 1.0)")
+
+
+def _misfeedback_and_kl(student_logits: Tensor, classmate_logits: Tensor, temperature: float,
+                        kappa: float) -> tuple[Tensor, Tensor]:
+    """``(L_mis, KL(q || c))`` per token; the stats need the uncapped KL, so compute it once."""
+    _check_kappa(kappa)
+    # the classmate is a fixed target here: the student moves away from it, never the reverse
+    kl = reverse_kl(student_logits, classmate_logits.detach(), temperature)
+    # clamp: constant (zero gradient) above kappa, otherwise the objective is unbounded
+    return -kl.clamp_max(kappa), kl
+
+
+def misfeedback(student_logits: Tensor, classmate_logits: Tensor, temperature: float = 1.0,
+                kappa: float = 1.0) -> Tensor:
+    """Class KD's misfeedback ``L_mis = -min(KL(q || c), kappa)``, q and c at ``temperature``.
+
+    Per token ``[N]``, no T^2 factor; the classmate's logits get no gradient. Minimising it pushes
+    the student away from the classmate until their KL reaches ``kappa`` nats.
+    """
+    return _misfeedback_and_kl(student_logits, classmate_logits, temperature, kappa)[0]
 
 
 # --- ranking losses ---------------------------------------------------------------------------

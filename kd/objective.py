@@ -49,9 +49,14 @@ class Objective:
         return bool(self.terms)
 
     def token_losses(self, student_logits: Tensor, teacher_logits: Tensor | None,
-                     labels: Tensor) -> dict[str, Tensor]:
+                     labels: Tensor, classmate_logits: Tensor | None = None,
+                     misfeedback_weight: float = 0.1, kappa: float = 1.0) -> dict[str, Tensor]:
         """Per-token losses ``[N]`` of every term and their weighted total under key ``loss``.
 
+        With ``classmate_logits`` (class KD, student-generated batches) the total gains
+        ``misfeedback_weight * losses.misfeedback(z, c, T, kappa)``, logged as ``misfeedback``
+        beside the uncapped ``classmate_kl``. That term always sees the raw logits: ``standardize``
+        is for the teacher terms only (the misfeedback's kappa is in nats of the real q and c).
         Rows whose label is ``IGNORE_INDEX`` are computed too; the caller masks them.
         """
         z, a = student_logits, teacher_logits
@@ -68,6 +73,10 @@ class Objective:
             ce = F.cross_entropy(z.to(dt), labels.clamp_min(0), reduction="none")
             out["ce"] = ce.detach()
             total = total + self.ce_weight * ce
+        if classmate_logits is not None:
+            mis, kl = losses._misfeedback_and_kl(z, classmate_logits, self.temperature, kappa)
+            out["misfeedback"], out["classmate_kl"] = mis.detach(), kl.detach()
+            total = total + misfeedback_weight * mis
         out["loss"] = total
         return out
 
@@ -157,12 +166,16 @@ def align_vocab(student: Tensor, teacher: Tensor | None, vocab_size: int | None,
 
 def distill_loss(student_logits: Tensor, teacher_logits: Tensor | None, labels: Tensor,
                  method: str = "grkd", progress: float = 0.0, vocab_size: int | None = None,
-                 **cfg) -> tuple[Tensor, dict]:
+                 classmate_logits: Tensor | None = None, misfeedback_weight: float = 0.1,
+                 kappa: float = 1.0, **cfg) -> tuple[Tensor, dict]:
     """The distillation loss on materialised logits: token-weighted mean over ``labels != -100``.
 
     ``student_logits``/``teacher_logits`` are ``[..., V]`` and ``labels`` the matching ``[...]``,
     already aligned (position i's logits predict ``labels[i]``). Returns ``(loss, stats)``: stats
     holds each term's mean over counted tokens, ``tokens`` and method scalars such as ``lambda``.
+    ``classmate_logits`` (same shape as the student's, cut to ``vocab_size`` likewise) adds class
+    KD's misfeedback term, see :meth:`Objective.token_losses`; it works with any method, ``sft``
+    included.
     """
     from .reduce import masked_sum_count
     obj = build_objective(method, progress, **cfg)
@@ -170,11 +183,18 @@ def distill_loss(student_logits: Tensor, teacher_logits: Tensor | None, labels: 
         raise ValueError(f"loss method {method!r} needs teacher logits (only 'sft' runs without a teacher)")
     z, a = align_vocab(student_logits, teacher_logits if obj.needs_teacher else None, vocab_size)
     V = z.shape[-1]
+    c = None
+    if classmate_logits is not None:
+        c = classmate_logits[..., :vocab_size] if vocab_size else classmate_logits
+        if c.shape != z.shape:
+            raise ValueError(f"classmate logits are {tuple(c.shape)}, the student's {tuple(z.shape)} "
+                             "(after the vocab_size cut): the classmate shares the student's vocabulary")
+        c = c.reshape(-1, V)
     z, labels = z.reshape(-1, V), labels.reshape(-1)
     a = a.reshape(-1, V) if a is not None else None
     if labels.shape[0] != z.shape[0]:
         raise ValueError(f"labels have {labels.shape[0]} positions but logits {z.shape[0]}")
-    per = obj.token_losses(z, a, labels)
+    per = obj.token_losses(z, a, labels, c, misfeedback_weight, kappa)
     mask = labels != IGNORE_INDEX
     sums = {name: masked_sum_count(v, mask)[0] for name, v in per.items()}
     count = mask.sum()
