@@ -32,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ckpt_dir", help="run checkpoint dir (holding 'latest' and tag dirs) or one tag dir")
     p.add_argument("out_dir")
     p.add_argument("--tag", help="checkpoint tag (default: the one named in CKPT_DIR/latest)")
+    p.add_argument("--engine", help="which trained engine of a checkpoint: student (default) or classmate (class KD); "
+                                    "a path to <tag>/<engine>/ names it too")
     p.add_argument("--config-dir", help="where config.json/tokenizer live (default: CKPT_DIR or CKPT_DIR/hf_meta)")
     p.add_argument("--prefix", help="name prefix of the student's params (default: detected, e.g. '' or 'student.')")
     p.add_argument("--drop", action="append", default=[], metavar="REGEX",
@@ -92,7 +94,8 @@ def run(args) -> tuple[dict, int]:
         from tools.io import write_hf_checkpoint
         from tools.zero_to_hf import ZeroSource
 
-        src = ZeroSource(args.ckpt_dir, tag=args.tag, config_dir=args.config_dir, prefix=args.prefix, drop=args.drop)
+        src = ZeroSource(args.ckpt_dir, tag=args.tag, config_dir=args.config_dir, prefix=args.prefix, drop=args.drop,
+                         engine=args.engine)
         return write_hf_checkpoint(src, args.out_dir, parse_dtype(args.dtype or "fp32"), args.max_shard_size,
                                    args.overwrite), 0
     if args.command == "meta-llama3-to-hf":

@@ -23,7 +23,7 @@ def detect_format(path: Path) -> str:
         return "gemma-pytorch"
     if not path.is_dir():
         raise ConvertError(f"{path} does not exist")
-    if (path / "latest").is_file() or any(path.glob("*_model_states.pt")):
+    if (path / "latest").is_file() or any(path.glob("*_model_states.pt")) or any(path.glob("*/*_model_states.pt")):
         return "zero"
     if (path / "params.json").is_file() and any(path.glob("consolidated.*.pth")):
         return "meta-llama"

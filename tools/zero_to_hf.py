@@ -63,6 +63,10 @@ def resolve_checkpoint(ckpt_dir: str | Path, tag: str | None) -> tuple[Path, Pat
         raise ConvertError(f"checkpoint directory {root} does not exist")
     if any(root.glob("*_model_states.pt")) and tag is None:
         root, tag_dir = root.parent, root
+        if (root / COMPLETE).is_file() or any(root.glob("trainer_state_rank*.pt")):   # <tag>/<engine>/ given
+            root, tag_dir = root.parent, root
+    elif tag is None and any(root.glob("*/*_model_states.pt")) and not (root / "latest").is_file():
+        root, tag_dir = root.parent, root                                          # a tag dir holding engines
     else:
         if tag is None:
             latest = root / "latest"
@@ -137,14 +141,46 @@ def _read_range(flat_groups: list[torch.Tensor], group_starts: list[int], start:
     return pieces
 
 
+def engine_files(tag_dir: Path, engine: str) -> Path:
+    """Where the DeepSpeed files of ``engine`` are: ``<tag>/<engine>/`` (the training stack keeps each
+    trained engine in its own sub-directory), else the tag dir itself (a plain DeepSpeed checkpoint, or
+    the stack's checkpoints written before sub-directories, which held only the student)."""
+    sub = tag_dir / engine
+    if any(sub.glob("*_model_states.pt")):
+        return sub
+    if any(tag_dir.glob("*_model_states.pt")) and engine == "student":
+        return tag_dir
+    held = sorted(p.name for p in tag_dir.iterdir() if p.is_dir() and any(p.glob("*_model_states.pt")))
+    raise ConvertError(f"{tag_dir} holds no '{engine}' engine (engines there: {', '.join(held) or 'none'}); "
+                       "pass --engine with one of them")
+
+
+def _given_engine(path: Path) -> str | None:
+    """The engine named by a path to ``<tag>/<engine>/`` itself (a folder of DeepSpeed files whose parent is
+    one of the stack's step directories)."""
+    parent = path.parent
+    if any(path.glob("*_model_states.pt")) and ((parent / COMPLETE).is_file() or any(parent.glob("trainer_state_rank*.pt"))):
+        return path.name
+    return None
+
+
 class ZeroSource:
-    def __init__(self, ckpt_dir, tag=None, config_dir=None, prefix: str | None = None, drop=()):
+    def __init__(self, ckpt_dir, tag=None, config_dir=None, prefix: str | None = None, drop=(),
+                 engine: str | None = None):
         from transformers import AutoConfig
 
+        given = _given_engine(Path(ckpt_dir)) if tag is None else None
+        if given and engine and engine != given:
+            raise ConvertError(f"{ckpt_dir} holds the {given} engine's files but --engine {engine} was asked for; "
+                               f"pass the step directory ({Path(ckpt_dir).parent}) with --engine {engine}")
+        engine = engine or given or "student"
         self.root, self.tag_dir = resolve_checkpoint(ckpt_dir, tag)
-        self.config_dir = find_config_dir(self.root, self.tag_dir, config_dir)
+        # a classmate's config (class KD) is saved beside the student's, in hf_meta/<engine>/
+        self.config_dir = find_config_dir(self.root, self.tag_dir, config_dir or (
+            self.root / "hf_meta" / engine if engine != "student" and (self.root / "hf_meta" / engine).is_dir() else None))
         self.config = AutoConfig.from_pretrained(self.config_dir)
         self.family = self.config.model_type
+        self.tag_dir = engine_files(self.tag_dir, engine)
         self.model_files = _rank_files(self.tag_dir, "model")
         self.optim_files = _rank_files(self.tag_dir, "optim")
         if 0 not in self.model_files or 0 not in self.optim_files:

@@ -3,9 +3,14 @@ and RNG (per rank), step counters and the run's settings. A checkpoint is comple
 
 Layout under ``runs/<run>/checkpoints/``::
 
-    step_00000040/     DeepSpeed files + trainer_state_rank{r}.pt + config.yaml + COMPLETE
+    step_00000040/     trainer_state_rank{r}.pt + config.yaml + COMPLETE, and per trained engine:
+      student/           its DeepSpeed files (weights, optimizer); the trainer state rides in its client state
+      classmate/         (class KD) the classmate's
     latest             the tag of the newest complete checkpoint, replaced atomically
     hf_meta/           config.json, generation_config.json, tokenizer files (for kd-convert)
+
+Checkpoints written before engines had sub-directories (the student's DeepSpeed files directly in the
+step directory) still load.
 
 ``COMPLETE`` is written by rank 0 after every rank has written its files; it holds a manifest (every
 file's size and the world size), so a truncated file is found before DeepSpeed reads it. ``latest``
@@ -15,7 +20,7 @@ followed: the weights of the checkpoint right before a NaN loss are those that p
 removes the directories of interrupted saves.
 
 Another world size: under ZeRO 1-3, DeepSpeed's universal checkpoint (``ds_to_universal``) is made
-from the tag once, into ``<tag>/universal``, and the student loads it (stage 0 keeps whole states and
+from each engine's directory once, into ``<tag>/<engine>/universal``, and the engine loads it (stage 0 keeps whole states and
 loads as it is); the loader continues from the same global sample; per-rank RNG streams cannot be
 mapped and restart from the seed.
 """
@@ -245,10 +250,11 @@ def _check_space(ckpt_dir: Path, need: int, device) -> None:
             "train.keep_checkpoints, or resume with output_dir on a larger filesystem.")
 
 
-def save(engine, ckpt_dir: Path, step: int, trainer_state: dict, rank_state: dict, keep: int,
+def save(engines: dict, ckpt_dir: Path, step: int, trainer_state: dict, rank_state: dict, keep: int,
          config_yaml: str, last_finite: int) -> str:
-    """Collective: every rank calls it. Returns the tag written. ``last_finite``: the newest step
-    whose loss was finite (pruning keeps the newest checkpoint before it)."""
+    """Collective: every rank calls it. ``engines``: name -> DeepSpeed engine, the first the student
+    (its client state holds ``trainer_state``). Returns the tag written. ``last_finite``: the newest
+    step whose loss was finite (pruning keeps the newest checkpoint before it)."""
     tag = tag_for(step)
     tag_dir = ckpt_dir / tag
     ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -256,15 +262,19 @@ def save(engine, ckpt_dir: Path, step: int, trainer_state: dict, rank_state: dic
     # the previous checkpoint's size, or for the first one fp32 weights + Adam's two moments + a
     # 16-bit copy of every parameter (ranks write their shares to one shared filesystem)
     need = sum((manifest(ckpt_dir / previous[-1]) or {}).get("files", {}).values()) if previous else 16 * sum(
-        getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
-    _check_space(ckpt_dir, int(need * 1.05), engine.device)
+        getattr(p, "ds_numel", p.numel()) for e in engines.values() for p in e.module.parameters())
+    device = next(iter(engines.values())).device
+    _check_space(ckpt_dir, int(need * 1.05), device)
     if _rank() == 0 and tag_dir.exists():
         # an interrupted save of this step, or one from an abandoned longer run: never mix files
         (tag_dir / COMPLETE).unlink(missing_ok=True)
         shutil.rmtree(tag_dir)
     _barrier()
     try:
-        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"trainer": trainer_state}, save_latest=False)
+        tag_dir.mkdir(parents=True, exist_ok=True)
+        for i, (name, engine) in enumerate(engines.items()):
+            engine.save_checkpoint(str(tag_dir), tag=name, client_state={"trainer": trainer_state} if i == 0 else {},
+                                   save_latest=False)
         write_atomic(tag_dir / f"trainer_state_rank{_rank()}.pt", _serialize({**rank_state, "rng": rng_state()}))
     except (OSError, RuntimeError) as e:
         raise CheckpointError(
@@ -315,49 +325,77 @@ def _serialize(obj) -> bytes:
 # ---------------------------------------------------------------------------------------------
 # Loading
 
-def make_universal(ckpt_dir: Path, tag: str) -> str:
-    """DeepSpeed's universal form of ``tag`` in ``<tag>/universal``, made once with DeepSpeed's own
-    converter (one process: kd-train's self-launch parent, or rank 0 under another launcher); the
-    tag to load it with. A failure leaves a FAILED file holding the reason for the waiting ranks."""
-    out = ckpt_dir / tag / UNIVERSAL
-    if not (out / COMPLETE).is_file():
+def engine_dirs(tag_dir: Path) -> dict[str, Path]:
+    """Each engine's DeepSpeed directory in a checkpoint: its sub-directory, or (checkpoints written
+    before sub-directories) the step directory itself for the student."""
+    subs = {p.name: p for p in sorted(tag_dir.iterdir())
+            if p.is_dir() and p.name != UNIVERSAL and any(p.glob("*model_states.pt"))}
+    if not subs and any(tag_dir.glob("*model_states.pt")):
+        subs = {"student": tag_dir}
+    return subs
+
+
+def _engine_dir(tag_dir: Path, name: str) -> Path:
+    found = engine_dirs(tag_dir)
+    if name not in found:
+        raise CheckpointError(
+            f"checkpoint {tag_dir} holds no {name} engine (it holds: {', '.join(found) or 'none'}). A run with a "
+            f"{name} resumes only from checkpoints of a run that had one; start this run with resume=none.")
+    return found[name]
+
+
+def make_universal(ckpt_dir: Path, tag: str) -> None:
+    """DeepSpeed's universal form of every engine of ``tag``, in ``<engine dir>/universal``, made once
+    with DeepSpeed's own converter (one process: kd-train's self-launch parent, or rank 0 under another
+    launcher). A failure leaves a FAILED file holding the reason for the waiting ranks."""
+    for name, src in engine_dirs(ckpt_dir / tag).items():
+        out = src / UNIVERSAL
+        if (out / COMPLETE).is_file():
+            continue
         shutil.rmtree(out, ignore_errors=True)
         workers = str(max(1, min(8, os.cpu_count() or 1)))
         proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-                               str(ckpt_dir / tag), "--output_folder", str(out), "--num_extract_workers", workers,
+                               str(src), "--output_folder", str(out), "--num_extract_workers", workers,
                                "--num_merge_workers", workers], capture_output=True, text=True)
         if proc.returncode != 0:
-            why = (f"DeepSpeed could not convert {ckpt_dir / tag} to a universal checkpoint for another world size:"
-                   f"\n{proc.stderr[-2000:]}\nResume with the number of ranks that wrote it "
+            why = (f"DeepSpeed could not convert the {name} engine of {ckpt_dir / tag} to a universal checkpoint for "
+                   f"another world size:\n{proc.stderr[-2000:]}\nResume with the number of ranks that wrote it "
                    f"({world_size_of(ckpt_dir / tag)}).")
             out.mkdir(parents=True, exist_ok=True)
             (out / "FAILED").write_text(why)
             raise CheckpointError(why)
         write_atomic(out / COMPLETE, b"")
-    return f"{tag}/{UNIVERSAL}"
 
 
-def universal_tag(ckpt_dir: Path, tag: str, poll_s: float = 5.0) -> str:
-    """In the ranks: rank 0 makes the universal checkpoint where the self-launch has not; the other
-    ranks wait for its marker on the filesystem (a conversion can outlast a collective's timeout)."""
-    out = ckpt_dir / tag / UNIVERSAL
+def wait_universal(ckpt_dir: Path, tag: str, poll_s: float = 5.0) -> None:
+    """In the ranks: rank 0 makes the universal checkpoints where the self-launch has not; the other
+    ranks wait for their markers on the filesystem (a conversion can outlast a collective's timeout)."""
     if _rank() == 0:
-        return make_universal(ckpt_dir, tag)
-    while not (out / COMPLETE).is_file():
-        if (out / "FAILED").is_file():
-            raise CheckpointError((out / "FAILED").read_text())
-        time.sleep(poll_s)
-    return f"{tag}/{UNIVERSAL}"
+        make_universal(ckpt_dir, tag)
+        return
+    for src in engine_dirs(ckpt_dir / tag).values():
+        while not (src / UNIVERSAL / COMPLETE).is_file():
+            if (src / UNIVERSAL / "FAILED").is_file():
+                raise CheckpointError((src / UNIVERSAL / "FAILED").read_text())
+            time.sleep(poll_s)
 
 
-def load(engine, ckpt_dir: Path, tag: str, universal: bool, same_world: bool) -> tuple[dict, dict | None]:
-    """Restore the engine in place; returns (trainer_state, this rank's state, None at another world
-    size) and restores this rank's RNG where it has one."""
+def load(engines: dict, ckpt_dir: Path, tag: str, universal: bool, same_world: bool) -> tuple[dict, dict | None]:
+    """Restore every engine (name -> DeepSpeed engine, the student first) in place; returns
+    (trainer_state, this rank's state, None at another world size) and restores this rank's RNG where
+    it has one."""
     tag_dir = ckpt_dir / tag
-    load_tag = universal_tag(ckpt_dir, tag) if universal else tag
+    if universal:
+        wait_universal(ckpt_dir, tag)
+    sources = {name: _engine_dir(tag_dir, name) for name in engines}
     try:
-        _, client = engine.load_checkpoint(str(ckpt_dir), tag=load_tag, load_optimizer_states=True,
-                                           load_lr_scheduler_states=False)
+        clients = []
+        for name, engine in engines.items():
+            src = sources[name]
+            load_dir, load_tag = (src, UNIVERSAL) if universal else (src.parent, src.name)
+            _, client = engine.load_checkpoint(str(load_dir), tag=load_tag, load_optimizer_states=True,
+                                               load_lr_scheduler_states=False)
+            clients.append(client)
         rank_state = torch.load(tag_dir / f"trainer_state_rank{_rank()}.pt", weights_only=False) if same_world else None
     except (OSError, RuntimeError, EOFError, KeyError, ValueError) as e:
         prev = _previous(ckpt_dir, tag)
@@ -366,8 +404,8 @@ def load(engine, ckpt_dir: Path, tag: str, universal: bool, same_world: bool) ->
             f"{str(e).splitlines()[0] if str(e) else ''}). "
             + (f"Resume from the previous complete checkpoint with resume={ckpt_dir / prev}." if prev else
                "There is no earlier complete checkpoint; start afresh with a new run_name."), rank_local=True) from None
-    if client is None:
+    if any(c is None for c in clients):
         raise CheckpointError(f"DeepSpeed found no checkpoint to load in {tag_dir}", rank_local=True)
     if rank_state is not None:
         set_rng_state(rank_state.pop("rng"))
-    return client["trainer"], rank_state
+    return clients[0]["trainer"], rank_state

@@ -18,15 +18,14 @@ Paths (data files, model directories, ds_config overrides, ``resume``) are kept 
 and are relative to the directory kd-train runs in, not to the recipe file; existence is checked by
 whoever opens them.
 
-``ds_config(config, role, world_size)`` turns a Config into the DeepSpeed config dict of the student
-or the teacher engine, starting from the JSON defaults in ``ds_configs/``.
+The DeepSpeed config of each engine is made from a Config next to the engine builders
+(``train.engines.ds_config``).
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
 import difflib
-import json
 import math
 import types
 import typing
@@ -39,10 +38,9 @@ import yaml
 from kd import METHODS, build_objective
 
 __all__ = ["ConfigError", "Config", "ModelConfig", "TrainConfig", "LossConfig", "DataConfig",
-           "ParallelConfig", "load_config", "config_from_dict", "dump_yaml", "ds_config",
-           "resolve_dtype", "torch_dtype", "DS_CONFIG_DIR"]
+           "ParallelConfig", "OnPolicyConfig", "ClassmateConfig", "load_config", "config_from_dict", "dump_yaml",
+           "resolve_dtype", "torch_dtype"]
 
-DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
 _DEFAULT = "the defaults"                        # source of a value nobody set
 
 
@@ -70,6 +68,7 @@ class ModelConfig:
     student: str
     teacher: str | None = None                  # same forms; None only for loss.method == "sft"
     student_init: str | None = None             # HF dir / checkpoint to initialise the student from
+    classmate: str | None = None                # class KD: same forms; the student's vocabulary (classmate.*)
     attn_implementation: str = _opt("auto", choices=("auto", "sdpa", "eager", "flash_attention_2"))
     dtype: str = _opt("auto", choices=("auto", "bf16", "fp16", "fp32"), aliases=_DTYPE_ALIASES)
     activation_checkpointing: bool = False
@@ -124,6 +123,39 @@ class DataConfig:
 
 
 @dataclass(kw_only=True)
+class OnPolicyConfig:
+    # off | gkd (a fraction lambda of micro-batches on student samples) | distillm (adaptive
+    # off-policy: replay buffer, threshold phi driven by the validation loss) | always
+    mode: str = _opt("off", choices=("off", "gkd", "distillm", "always"))
+    # gkd: the probability that a micro-batch's responses are the student's own samples
+    # (lambda_on in methods.md: a key of its own, not loss.params.lambda_* of GRKD)
+    fraction: float = _opt(0.5, ge=0, le=1)
+    temperature: float = _opt(1.0, gt=0)          # sampling temperature
+    top_p: float = _opt(1.0, gt=0, le=1)
+    max_new_tokens: int = _opt(64, gt=0)          # per sample; prompt + sample is cut at data.max_len
+    # generation under ZeRO-3: gathered (every parameter gathered once per generate call) or
+    # layerwise (ZeRO-3's own per-layer gathers, every token: slow, for models that do not fit whole)
+    generation: str = _opt("gathered", choices=("gathered", "layerwise"))
+    # distillm (DistiLLM's finetune.py defaults)
+    buffer_size: int = _opt(1000, gt=0)           # replay buffer capacity, in samples per data-parallel rank
+    init_threshold: float = _opt(0.0, ge=0, le=1)
+    loss_eps: float = _opt(0.1, ge=0)
+    threshold_step: float = _opt(0.1, gt=0, le=1)
+    # fresh samples below phi * (1 - progress) | phi * progress | phi / 2; replayed up to phi
+    replay_ratio: str = _opt("decreasing", choices=("decreasing", "increasing", "constant"))
+    # the held-out loss that drives phi: the student's NLL (DistiLLM's finetune.py), or KL(teacher || student)
+    val_metric: str = _opt("eval_student_nll", choices=("eval_student_nll", "eval_forward_kl"))
+
+
+@dataclass(kw_only=True)
+class ClassmateConfig:
+    lr_scale: float = _opt(0.5, gt=0)             # the classmate's LR = train.lr * lr_scale (same schedule)
+    update_every: int = _opt(2, gt=0)             # it steps every N student steps: it stays weaker
+    misfeedback_weight: float = _opt(0.1, ge=0)   # w_mis
+    kappa: float = _opt(1.0, gt=0)                # cap of KL(q || c) in the misfeedback term, nats
+
+
+@dataclass(kw_only=True)
 class ParallelConfig:
     nproc: int | None = _opt(None, gt=0)          # None: 2 on CPU, all GPUs otherwise
     sequence: int = _opt(1, ge=1)                 # sequence-parallel degree
@@ -145,6 +177,8 @@ class Config:
     loss: LossConfig = _opt(factory=LossConfig)
     data: DataConfig
     parallel: ParallelConfig = _opt(factory=ParallelConfig)
+    onpolicy: OnPolicyConfig = _opt(factory=OnPolicyConfig)
+    classmate: ClassmateConfig = _opt(factory=ClassmateConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -163,7 +197,8 @@ class Config:
 # Schema: every dotted key, its type and its checks, derived from the dataclasses above.
 
 _SECTIONS: dict[str, type] = {"model": ModelConfig, "train": TrainConfig, "loss": LossConfig,
-                              "data": DataConfig, "parallel": ParallelConfig}
+                              "data": DataConfig, "parallel": ParallelConfig, "onpolicy": OnPolicyConfig,
+                              "classmate": ClassmateConfig}
 _FREE_FORM = "loss.params"
 _REQUIRED = ("model.student", "data.train")
 
@@ -480,6 +515,7 @@ def _cross_check(c: Config, layers: _Layers) -> None:
         raise ConfigError(
             f"Invalid configuration in {layers.where('parallel.offload_optimizer')}: "
             "parallel.offload_optimizer=true needs parallel.zero_stage 1, 2 or 3, got 0.")
+    _check_onpolicy(c, layers)
     clash = sorted({"temperature", "ce_weight"} & set(c.loss.params))
     if clash:
         raise ConfigError(
@@ -493,6 +529,50 @@ def _cross_check(c: Config, layers: _Layers) -> None:
             f"Invalid loss settings in {layers.where(_FREE_FORM)} for loss.method {c.loss.method!r} "
             f"(from {layers.where('loss.method')}): {reason}. Method-specific settings go under loss.params."
         ) from None
+
+
+def _check_onpolicy(c: Config, layers: _Layers) -> None:
+    """On-policy and class-KD settings that cannot work together, named with their sources."""
+    o, w = c.onpolicy, layers.where
+    if o.mode != "off" and c.data.pack:
+        raise ConfigError(
+            f"Invalid configuration: onpolicy.mode={o.mode} ({w('onpolicy.mode')}) with data.pack=true "
+            f"({w('data.pack')}): student samples replace the responses of whole examples, which packed rows "
+            "merge. Use data.pack=false for on-policy training.")
+    if o.mode != "off" and o.max_new_tokens >= c.data.max_len:
+        raise ConfigError(
+            f"Invalid configuration: onpolicy.max_new_tokens={o.max_new_tokens} ({w('onpolicy.max_new_tokens')}) "
+            f"is not below data.max_len={c.data.max_len} ({w('data.max_len')}): prompt + sample must fit in "
+            "data.max_len tokens, and a sample longer than that would be cut. Lower onpolicy.max_new_tokens or "
+            "raise data.max_len.")
+    if o.mode != "off" and (c.model.teacher is None or c.loss.method == "sft"):
+        raise ConfigError(
+            f"Invalid configuration: onpolicy.mode={o.mode} ({w('onpolicy.mode')}) with loss.method={c.loss.method} "
+            f"({w('loss.method')}) and model.teacher={c.model.teacher}: on-policy training needs a teacher to score "
+            "the student's samples (SFT on its own samples teaches it nothing). Set model.teacher and a distillation "
+            "loss.method (grkd, forward_kl, jsd, ...), or onpolicy.mode=off.")
+    if o.mode == "distillm" and not (c.data.eval and c.train.eval_every):
+        raise ConfigError(
+            f"Invalid configuration: onpolicy.mode=distillm ({w('onpolicy.mode')}) raises its threshold phi from "
+            f"the validation loss ({o.val_metric}) at each evaluation, and data.eval={c.data.eval} "
+            f"({w('data.eval')}), train.eval_every={c.train.eval_every} ({w('train.eval_every')}): without evaluations "
+            "during training phi never moves and the run is plain off-policy. Set data.eval and train.eval_every > 0.")
+    if c.model.classmate is not None:
+        if o.mode == "off":
+            raise ConfigError(
+                f"Invalid configuration: model.classmate is set ({w('model.classmate')}) but onpolicy.mode=off: "
+                "the classmate's misfeedback applies to student-generated samples only. Use onpolicy.mode=gkd "
+                "(class KD) or distillm, or remove model.classmate.")
+        if o.mode == "always":
+            raise ConfigError(
+                f"Invalid configuration: model.classmate with onpolicy.mode=always ({w('onpolicy.mode')}): the "
+                "classmate learns only from the teacher on dataset responses, and in this mode no micro-batch "
+                "holds them. Use onpolicy.mode=gkd with onpolicy.fraction < 1.")
+        if o.mode == "gkd" and o.fraction >= 1:
+            raise ConfigError(
+                f"Invalid configuration: model.classmate with onpolicy.fraction={o.fraction} "
+                f"({w('onpolicy.fraction')}): every micro-batch would be a student sample and the classmate, "
+                "which learns only on dataset responses, would never train. Use a fraction below 1.")
 
 
 def _plain(x: Any) -> Any:
@@ -540,88 +620,3 @@ def torch_dtype(dtype: str):
     """The torch dtype of ``model.dtype`` (after ``resolve_dtype``)."""
     import torch
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[resolve_dtype(dtype)]
-
-
-# Dynamic loss scaling for an fp16 student, unless the JSON file sets its own.
-_FP16_LOSS_SCALING = {"loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
-                      "hysteresis": 2, "min_loss_scale": 1}
-
-
-def ds_config(config: Config, role: str, world_size: int, *, device: str | None = None,
-              load_universal: bool = False) -> dict:
-    """The DeepSpeed config dict of the ``"student"`` or ``"teacher"`` engine.
-
-    Starts from ``parallel.ds_config_<role>`` or the default in ``ds_configs/`` (the ``_offload``
-    variant when offloading), keeps every setting of the file, and overwrites the keys the run config
-    owns: batch sizes (``train_batch_size`` counts data-parallel ranks, world_size // sequence),
-    gradient clipping, ZeRO stage, offload on/off and precision (``model.dtype`` through
-    ``resolve_dtype(dtype, device)``). The student has no optimizer/scheduler section (the trainer
-    passes a torch optimizer and sets the LR per step) and leaves gradient accumulation to the
-    trainer (``managed_gradient_accumulation: false``: each ``step()`` applies what the backward
-    calls since the last one accumulated). The teacher is frozen: ZeRO-3, no optimizer, no
-    clipping. ``load_universal``: the student resumes from a DeepSpeed universal checkpoint.
-    """
-    if role not in ("student", "teacher"):
-        raise ValueError(f"role must be 'student' or 'teacher', got {role!r}")
-    p, t = config.parallel, config.train
-    if world_size < 1 or world_size % p.sequence:
-        raise ConfigError(f"world size {world_size} is not a positive multiple of parallel.sequence="
-                          f"{p.sequence}; launch a multiple of {p.sequence} ranks.")
-    offload = p.offload_optimizer if role == "student" else p.offload_teacher
-    user_path = p.ds_config_student if role == "student" else p.ds_config_teacher
-    default = DS_CONFIG_DIR / f"zero3_{role}{'_offload' if offload else ''}.json"
-    path = Path(user_path) if user_path else default
-    key = f"parallel.ds_config_{role}"
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"Cannot read the DeepSpeed config '{path}'"
-                          f"{f' given by {key}' if user_path else ''}: {e}.") from None
-    if not isinstance(d, dict):
-        raise ConfigError(f"The DeepSpeed config '{path}' must hold a JSON object.")
-    for section in ("optimizer", "scheduler"):
-        if section in d and role == "student":
-            raise ConfigError(f"The DeepSpeed config '{path}' has an '{section}' section; remove it: the "
-                              "trainer builds the optimizer and LR schedule from train.lr, train.betas, "
-                              "train.weight_decay, train.warmup_steps and train.min_lr_ratio.")
-        d.pop(section, None)
-
-    d["train_micro_batch_size_per_gpu"] = t.micro_batch
-    d["gradient_accumulation_steps"] = t.grad_accum
-    d["train_batch_size"] = t.micro_batch * t.grad_accum * (world_size // p.sequence)
-    if p.sequence > 1:
-        # without an mpu DeepSpeed divides the world size by this to get data-parallel ranks
-        d["sequence_parallel_size"] = p.sequence
-    else:
-        d.pop("sequence_parallel_size", None)
-    d.setdefault("steps_per_print", 10**9)        # the trainer logs; keep DeepSpeed quiet
-    d.setdefault("wall_clock_breakdown", False)
-
-    zero = d.setdefault("zero_optimization", {})
-    zero["stage"] = p.zero_stage if role == "student" else 3
-    if zero["stage"] < 2 and role == "student":
-        # trainer-managed accumulation overlaps communication only where gradients are partitioned
-        zero["overlap_comm"] = False
-    offload_key = "offload_optimizer" if role == "student" else "offload_param"
-    if offload:
-        zero[offload_key] = {"device": "cpu", "pin_memory": True, **(zero.get(offload_key) or {})}
-    else:
-        zero.pop(offload_key, None)
-    if role == "student":
-        d["gradient_clipping"] = t.grad_clip
-        d["managed_gradient_accumulation"] = False
-        d["zero_allow_untested_optimizer"] = True
-        if load_universal:
-            d["checkpoint"] = {**d.get("checkpoint", {}), "load_universal": True}
-        if offload:
-            d["zero_force_ds_cpu_optimizer"] = False   # a torch optimizer is passed on purpose
-    else:
-        d.pop("gradient_clipping", None)
-        zero.pop("offload_optimizer", None)
-
-    dtype = resolve_dtype(config.model.dtype, device)
-    for name in ("bf16", "fp16"):
-        d[name] = {**d.get(name, {}), "enabled": dtype == name}
-    if dtype == "fp16" and role == "student":
-        d["fp16"] = {**_FP16_LOSS_SCALING, **d["fp16"]}
-    return d

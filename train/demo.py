@@ -3,9 +3,12 @@
 1. a synthetic instruction task (train/demo_task.py) and a SentencePiece tokenizer trained on it;
 2. a teacher (Llama architecture, a few million parameters) trained by SFT through the same stack,
    cached in runs/demo-teacher/ for reuse;
-3. two students from the same initialisation, each on 2 ZeRO-3 CPU ranks: SFT only, and GRKD;
-4. runs/demo/report.md: exact match, ROUGE-L and held-out NLL of teacher and both students,
-   teacher-student OR@k / CR@k, loss curves. The GRKD student is exported to runs/demo/student-hf/.
+3. students from the same initialisation and data order, each on 2 ZeRO-3 CPU ranks: SFT only, GRKD
+   (recipes/demo.yaml) and the on-policy methods of the seeds' comparison: GKD, DistiLLM's adaptive
+   off-policy schedule and class KD (recipes/demo_gkd.yaml, demo_distillm.yaml, demo_classkd.yaml);
+4. runs/demo/report.md: exact match, ROUGE-L and held-out NLL of the teacher and every student,
+   teacher-student OR@k / CR@k, loss curves, the class-KD classmate's held-out figures. The GRKD
+   student is exported to runs/demo/student-hf/ (each student to its run's student-hf/).
 """
 from __future__ import annotations
 
@@ -20,6 +23,9 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "demo.yaml"
 TEACHER_RECIPE = REPO / "recipes" / "demo_teacher.yaml"
+# the on-policy students: the demo's data, teacher, student initialisation and schedule
+ONPOLICY = {"GKD": REPO / "recipes" / "demo_gkd.yaml", "DistiLLM": REPO / "recipes" / "demo_distillm.yaml",
+            "class KD": REPO / "recipes" / "demo_classkd.yaml"}
 
 
 # The demo's figures do not depend on the CPU it runs on: CPUs of one machine kind differ in their
@@ -48,7 +54,8 @@ def log(msg: str) -> None:
 
 
 def is_demo_recipe(recipe: str) -> bool:
-    return Path(recipe).resolve() == RECIPE
+    """The demo's recipes build the demo's inputs where missing (``ensure_prerequisites``)."""
+    return Path(recipe).resolve() in {RECIPE, *ONPOLICY.values()}
 
 
 def ensure_prerequisites(cfg) -> None:
@@ -136,23 +143,28 @@ def write_report(out_dir: Path, results: dict, runs: dict[str, Path], timings: d
         summary.append(f"| {name} | " + " | ".join(cells) + " |")
     summary += ["", "Wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items())]
     (out_dir / "comparison.json").write_text(json.dumps(results, indent=1))
-    return write(out_dir, "Demo: GRKD vs SFT on the synthetic task (CPU, 2 ZeRO-3 ranks)", summary, runs)
+    return write(out_dir, "Demo: distillation methods on the synthetic task (CPU, 2 ZeRO-3 ranks)", summary, runs)
 
 
-def train_students(cfg, seed: int) -> tuple[dict[str, Path], dict[str, float]]:
-    """The SFT and the distilled student of one seed (the same initialisation and data order for
-    both): their run directories and wall times. ``resume=auto``: a finished run is reused and an
-    interrupted one continued by a second ``make demo``."""
-    name = cfg.run_name if seed == 0 else f"{cfg.run_name}-seed{seed}"
+def train_students(cfg, seed: int, onpolicy: bool = True) -> tuple[dict[str, Path], dict[str, float]]:
+    """The students of one seed (the same initialisation and data order for all): SFT, the demo
+    recipe's method and (``onpolicy``) GKD, DistiLLM and class KD; their run directories and wall
+    times. ``resume=auto``: a finished run is reused and an interrupted one continued by a second
+    ``make demo``."""
+    from .config import load_config
+
+    suffix = "" if seed == 0 else f"-seed{seed}"
     method = cfg.loss.method.upper()
-    runs, timings = {"SFT": cfg.run_dir.parent / f"{name}-sft", method: cfg.run_dir.parent / name}, {}
-    common = [f"train.seed={seed}", "resume=auto"]
-    for label, overrides in (("SFT", [f"run_name={name}-sft", "loss.method=sft", "model.teacher=null",
-                                      "loss.params={}"]), (method, [f"run_name={name}"])):
+    plan = [("SFT", RECIPE, f"{cfg.run_name}-sft", ["loss.method=sft", "model.teacher=null", "loss.params={}"]),
+            (method, RECIPE, cfg.run_name, [])]
+    if onpolicy:
+        plan += [(label, recipe, load_config(str(recipe), []).run_name, []) for label, recipe in ONPOLICY.items()]
+    runs, timings = {}, {}
+    for label, recipe, name, overrides in plan:
         log(f"training the {label} student (seed {seed})")
         t = time.time()
-        _kd_train(str(RECIPE), overrides + common)
-        timings[f"{label} student"] = time.time() - t
+        _kd_train(str(recipe), [f"run_name={name}{suffix}", *overrides, f"train.seed={seed}", "resume=auto"])
+        runs[label], timings[f"{label} student"] = cfg.run_dir.parent / f"{name}{suffix}", time.time() - t
     return runs, timings
 
 
@@ -184,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m train.demo", description="The CPU demo (make demo); with several "
                                  "--seeds also their spread (make demo-spread).")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="train.seed of the students (default 0)")
+    ap.add_argument("--offpolicy-only", action="store_true",
+                    help="only the SFT and GRKD students (not GKD, DistiLLM and class KD)")
     args = ap.parse_args(argv)
 
     pin_kernels()
@@ -194,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     out, method = cfg.run_dir, cfg.loss.method.upper()
     runs = {}
     for seed in args.seeds:
-        runs[seed], times = train_students(cfg, seed)
+        runs[seed], times = train_students(cfg, seed, onpolicy=not args.offpolicy_only)
         timings.update({f"{k} (seed {seed})" if len(args.seeds) > 1 else k: v for k, v in times.items()})
     log("evaluating the teacher and the students on held-out prompts")
     # one call: the teacher is decoded once, and every student is aligned with the same teacher logits

@@ -1,7 +1,8 @@
 """Held-out evaluation and the HF export.
 
 - ``held_out``: distributed over the training engines: student and teacher NLL on held-out
-  responses, forward KL(teacher || student), and alignment (OR@k, CR@k, top-1 agreement).
+  responses, forward KL(teacher || student), and alignment (OR@k, CR@k, top-1 agreement); for class
+  KD the classmate's own NLL and KL(teacher || classmate).
 - ``generation_metrics``: one process, a plain HF model: greedy answers to held-out prompts,
   exact match and ROUGE-L against the references.
 - ``export_hf``: the student gathered from its ZeRO-3 shards into an HF directory, swapped in
@@ -24,11 +25,14 @@ from . import data
 
 
 @torch.no_grad()
-def held_out(student, teacher, loader, sp, cfg) -> dict:
-    """Token-weighted means over the whole held-out set (every rank takes its shard)."""
-    student.engine.eval()
+def held_out(models, loader, sp, cfg) -> dict:
+    """Token-weighted means over the whole held-out set (every rank takes its shard). ``models``:
+    the run's ``engines.Engines``."""
+    student, teacher, classmate = models.student, models.teacher, models.classmate
+    trained = models.trainable()
+    for m in trained:
+        m.engine.eval()
     totals: dict[str, torch.Tensor] = {}
-
     zero = torch.zeros((), dtype=torch.float64, device=student.engine.device)
 
     def add(name, value, n):
@@ -36,28 +40,36 @@ def held_out(student, teacher, loader, sp, cfg) -> dict:
             totals[key] = totals.get(key, zero) + v
 
     head = dict(chunk_size=cfg.loss.chunk_size, vocab_size=cfg.model.vocab_size)
+
+    def nll(name, model, hidden, labels):
+        with model.gathered_head() as w:
+            _, st = kd.fused_distill_loss(hidden, w, None, None, labels, method="sft", student_softcap=model.softcap,
+                                          **head)
+        add(f"eval_{name}_nll", st["ce"], st["tokens"])
+
     for batch in loader:
         batch = sp.shard(data.to_device(batch, student.engine.device))
         labels = batch["targets"].flatten()
-        s_h = student.forward_hidden(batch).flatten(0, 1)
-        t_h = teacher.forward_hidden(batch).flatten(0, 1) if teacher else None
-        with student.gathered_head() as w_s:
-            _, st = kd.fused_distill_loss(s_h, w_s, None, None, labels, method="sft",
-                                          student_softcap=student.softcap, **head)
-            add("eval_student_nll", st["ce"], st["tokens"])
-            if teacher is None:
-                continue
-            with teacher.gathered_head() as w_t:
-                _, st = kd.fused_distill_loss(t_h, w_t, None, None, labels, method="sft",
-                                              student_softcap=teacher.softcap, **head)
-                add("eval_teacher_nll", st["ce"], st["tokens"])
-                _, st = kd.fused_distill_loss(s_h, w_s, t_h, w_t, labels, method="forward_kl",
-                                              metrics_k=cfg.loss.metrics_k, student_softcap=student.softcap,
-                                              teacher_softcap=teacher.softcap, **head)
+        hidden = {m.name: m.forward_hidden(batch).flatten(0, 1) for m in (student, teacher, classmate) if m}
+        for m in (student, teacher, classmate):
+            if m:
+                nll(m.name, m, hidden[m.name], labels)
+        if teacher is None:
+            continue
+        with teacher.gathered_head() as w_t:
+            for m, prefix in ((student, "eval_"), (classmate, "eval_classmate_")):
+                if m is None:
+                    continue
+                with m.gathered_head() as w:
+                    _, st = kd.fused_distill_loss(hidden[m.name], w, hidden["teacher"], w_t, labels,
+                                                  method="forward_kl", metrics_k=cfg.loss.metrics_k if m is student
+                                                  else None, student_softcap=m.softcap,
+                                                  teacher_softcap=teacher.softcap, **head)
                 for k, v in st.items():
                     if k not in ("tokens", "loss"):
-                        add(f"eval_{k}", v, st["tokens"])
-    student.engine.train()
+                        add(f"{prefix}{k}", v, st["tokens"])
+    for m in trained:
+        m.engine.train()
     totals = all_reduce_dict(totals, dist.group.WORLD if dist.is_initialized() else None)
     return {k: float(v) / max(float(totals[k + "/n"]), 1.0) for k, v in totals.items() if not k.endswith("/n")}
 

@@ -1,9 +1,10 @@
 """The training run, readable top to bottom: build, (resume), step, log, evaluate, save, export.
 
-One step: the loader's batch (this rank's slice of it under sequence parallelism) goes to the
-frozen teacher (final hidden states, no grad) and to the student; ``kd.fused_distill_loss`` turns
-both hidden states and lm-head weights into the loss in chunks (never a [tokens, vocab] tensor)
-and reduces it over all ranks; the student engine steps. Everything else here is bookkeeping.
+One step: the loader's batch (its responses replaced by the student's own samples in on-policy modes;
+this rank's slice of it under sequence parallelism) goes to the frozen teacher (final hidden states, no
+grad) and to the student; ``kd.fused_distill_loss`` turns both hidden states and lm-head weights into
+the loss in chunks (never a [tokens, vocab] tensor) and reduces it over all ranks; the student engine
+steps (and, for class KD, the classmate's). Everything else here is bookkeeping.
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ import kd
 from kd.reduce import IGNORE_INDEX, all_reduce_values
 from . import checkpoint, data, engines, evaluate, parallel, preflight
 from .cli import PARENT_ENV
-from .config import Config, ds_config, dump_yaml
+from .config import Config, dump_yaml
+from .rollout import Rollout
 from .runlog import RunLogger
 from .tokenizer import load_tokenizer
 
@@ -61,44 +63,78 @@ class StopFlag:
         return bool(flag)
 
 
-def train_step(student, teacher, loader, sp: parallel.SequenceParallel, cfg: Config, progress: float) -> dict | None:
+def train_step(models: engines.Engines, loader, rollout: Rollout, sp: parallel.SequenceParallel, cfg: Config,
+               progress: float, classmate_learns: bool = False) -> dict | None:
     """One optimizer step over ``grad_accum`` micro-batches; None when the step was skipped.
 
-    The loss is the token mean over the whole global batch: each micro-batch's loss (a mean over
-    its own tokens on every rank) is weighted by its share of the step's counted tokens, so the step
-    equals one micro-batch of ``grad_accum`` times the size. A non-finite micro-batch (the same on
-    every rank: the loss is all-reduced) makes that bigger batch non-finite too, so the whole step
-    is skipped and the gradients already accumulated are dropped.
+    Each micro-batch comes from the rollout seam (the dataset's responses, or the student's own samples),
+    is sharded for sequence parallelism, and is scored by the frozen teacher. The loss is the token
+    mean over the whole global batch: each micro-batch's loss (a mean over its own tokens on every rank)
+    is weighted by its share of the step's counted tokens, so the step equals one micro-batch of
+    ``grad_accum`` times the size. A non-finite micro-batch (the same on every rank: the loss is
+    all-reduced) makes that bigger batch non-finite too, so the whole step is skipped and the gradients
+    already accumulated are dropped. Class KD: on student samples the student also moves away from the
+    classmate (misfeedback); on dataset responses of the steps where ``classmate_learns``, the classmate
+    learns KL(p || c) from the teacher hidden states already computed.
     """
-    loss_cfg = dict(method=cfg.loss.method, chunk_size=cfg.loss.chunk_size, metrics_k=cfg.loss.metrics_k,
-                    vocab_size=cfg.model.vocab_size, **cfg.loss.objective_kwargs())
-    engine, device = student.engine, student.engine.device
-    batches = [sp.shard(data.to_device(next(loader), device), packed=cfg.data.pack) for _ in range(cfg.train.grad_accum)]
+    student, teacher, classmate = models.student, models.teacher, models.classmate
+    device, head = student.engine.device, dict(chunk_size=cfg.loss.chunk_size, vocab_size=cfg.model.vocab_size)
+    loss_cfg = dict(method=cfg.loss.method, metrics_k=cfg.loss.metrics_k, **head, **cfg.loss.objective_kwargs())
+    micro = rollout.micro_batches(loader, cfg.train.grad_accum, progress)
+    batches = [sp.shard(data.to_device(b, device), packed=cfg.data.pack) for b, _ in micro]
+    sampled = [src != "dataset" for _, src in micro]
     counts = all_reduce_values([float((b["targets"] != IGNORE_INDEX).sum()) for b in batches], dist.group.WORLD,
                                device=device)
     tokens_in = sum(all_reduce_values([float(b["n_real"]) for b in batches], dist.group.WORLD, device=device))
-    totals = {}
-    for batch, count in zip(batches, counts):
+    c_counts = [n if classmate and classmate_learns and not s else 0.0 for n, s in zip(counts, sampled)]
+    sums: dict[str, list[float]] = {}         # name -> [sum of value * tokens, tokens]
+
+    def add(stats, n):
+        for k, v in stats.items():
+            if k != "tokens":
+                sums.setdefault(k, [0.0, 0.0])
+                sums[k][0] += v * n
+                sums[k][1] += n
+    for batch, n, on_policy, c_n in zip(batches, counts, sampled, c_counts):
+        labels = batch["targets"].flatten()
         t_hidden = None
         if teacher is not None:
             with torch.no_grad():
                 t_hidden = teacher.forward_hidden(batch).flatten(0, 1)
         s_hidden = student.forward_hidden(batch).flatten(0, 1)
+        c_hidden = None
+        if classmate is not None and (on_policy or c_n):
+            with contextlib.nullcontext() if c_n else torch.no_grad():   # it learns only on dataset responses
+                c_hidden = classmate.forward_hidden(batch).flatten(0, 1)
         with student.gathered_head() as w_s, \
-                (teacher.gathered_head() if teacher else contextlib.nullcontext()) as w_t:
+                (teacher.gathered_head() if teacher else contextlib.nullcontext()) as w_t, \
+                (classmate.gathered_head() if c_hidden is not None else contextlib.nullcontext()) as w_c:
+            mis = dict(classmate_hidden=c_hidden, classmate_weight=w_c, classmate_softcap=classmate.softcap,
+                       misfeedback_weight=cfg.classmate.misfeedback_weight, kappa=cfg.classmate.kappa) \
+                if on_policy and c_hidden is not None else {}
             loss, stats = kd.fused_distill_loss(
-                s_hidden, w_s, t_hidden, w_t, batch["targets"].flatten(), progress=progress, group=dist.group.WORLD,
+                s_hidden, w_s, t_hidden, w_t, labels, progress=progress, group=dist.group.WORLD,
                 student_softcap=student.softcap, teacher_softcap=teacher.softcap if teacher else None,
-                **loss_cfg)
-            if not torch.isfinite(loss):
-                engines.discard_gradients(student)
+                **loss_cfg, **mis)
+            c_loss = None
+            if c_n:
+                c_loss, c_stats = kd.fused_distill_loss(
+                    c_hidden, w_c, t_hidden, w_t, labels, method="forward_kl", temperature=cfg.loss.temperature,
+                    group=dist.group.WORLD, student_softcap=classmate.softcap, teacher_softcap=teacher.softcap, **head)
+            if not torch.isfinite(loss) or (c_loss is not None and not torch.isfinite(c_loss)):
+                for model in models.trainable():
+                    engines.discard_gradients(model)
                 return None
-            engine.backward(loss * (count / max(sum(counts), 1.0)), scale_wrt_gas=False)
-        for k, v in stats.items():
-            totals[k] = totals.get(k, 0.0) + v * count
-    engine.step()
-    out = {k: v / max(sum(counts), 1.0) for k, v in totals.items() if k != "tokens"}
-    out.update(tokens=int(sum(counts)), tokens_in=int(tokens_in))
+            student.engine.backward(loss * (n / max(sum(counts), 1.0)), scale_wrt_gas=False)
+            if c_loss is not None:
+                classmate.engine.backward(c_loss * (c_n / sum(c_counts)), scale_wrt_gas=False)
+                add({"classmate_loss": c_stats["forward_kl"]}, c_n)
+        add(stats, n)
+    student.engine.step()
+    if any(c_counts):
+        classmate.engine.step()
+    out = {k: total / max(w, 1.0) for k, (total, w) in sums.items()}
+    out.update(tokens=int(sum(counts)), tokens_in=int(tokens_in), **rollout.stats())
     return out
 
 
@@ -130,39 +166,58 @@ def run(cfg: Config) -> dict:
             pad_to_multiple_of=sp.pad_to_multiple_of)
 
     found, same_world = plan.resume, plan.resume_world in (None, world)
-    student = engines.build_student(cfg, ds_config(cfg, "student", world, load_universal=plan.universal),
-                                    tokenizer.vocab_size, sp)
-    teacher = engines.build_teacher(cfg, ds_config(cfg, "teacher", world), tokenizer.vocab_size, sp) \
-        if cfg.loss.method != "sft" else None
+    models = engines.build(cfg, world, tokenizer.vocab_size, sp, universal=plan.universal)
+    student, trained = models.student, {m.name: m.engine for m in models.trainable()}
+    rollout = Rollout(cfg, student, sp, loader.collate_fn, tokenizer.pad_id, tokenizer.eos_id, tokenizer.vocab_size)
 
     stop = StopFlag(student.engine.device)
     state = {"step": 0, "bad_steps": 0, "last_finite_step": 0, "tokens_seen": 0}
     if found:
-        saved, rank_state = checkpoint.load(student.engine, *found, universal=plan.universal, same_world=same_world)
+        saved, rank_state = checkpoint.load(trained, *found, universal=plan.universal, same_world=same_world)
         state.update({k: saved[k] for k in state if k in saved})
         # the same on every rank, at any world size (checkpoints before 2026-12 kept it per rank)
         loader.load_state_dict(saved.get("loader") or rank_state["loader"])
+        rollout.load_state_dict(saved.get("rollout"), (rank_state or {}).get("rollout"))
     resumed_at = state["step"]
     log = RunLogger(run_dir, cfg, enabled=rank == 0, resumed_at=resumed_at)
     if rank == 0:
         dump_yaml(cfg, run_dir / "config.yaml")
         evaluate.save_hf_meta(student.model, tokenizer, ckpt_dir / "hf_meta")
+        if models.classmate:         # kd-convert zero-to-hf --engine classmate finds its config here
+            evaluate.save_hf_meta(models.classmate.model, tokenizer, ckpt_dir / "hf_meta" / "classmate")
     log.info(f"{world} ranks | student {cfg.model.student} | teacher {cfg.model.teacher} | "
+             + (f"classmate {cfg.model.classmate} | " if cfg.model.classmate else "")
+             + (f"on-policy: {cfg.onpolicy.mode} | " if rollout.active else "") +
              f"{train_set.stats.summary()}")
     for line in plan.notes:
         log.info(line)
 
     def save():
-        checkpoint.save(student.engine, ckpt_dir, state["step"], {**state, "loader": loader.state_dict()}, {},
-                        cfg.train.keep_checkpoints, (run_dir / "config.yaml").read_text() if rank == 0 else "",
-                        state["last_finite_step"])
+        checkpoint.save(trained, ckpt_dir, state["step"],
+                        {**state, "loader": loader.state_dict(), "rollout": rollout.state_dict()},
+                        {"rollout": rollout.rank_state_dict()}, cfg.train.keep_checkpoints,
+                        (run_dir / "config.yaml").read_text() if rank == 0 else "", state["last_finite_step"])
+
+    def evaluation():
+        metrics = evaluate.held_out(models, eval_loader(), sp, cfg)
+        rollout.on_eval(metrics)
+        return metrics
+
+    if rollout.o.mode == "distillm" and rollout.ref_loss is None:   # DistiLLM's reference, before step 1
+        rollout.on_eval(evaluate.held_out(models, eval_loader(), sp, cfg))
+    e = cfg.train.eval_every
+    if found and eval_loader and e and state["step"] % e == 0 and not log.has_eval(state["step"]):
+        # a run stopped on an evaluation step saved without it (time was short): it is owed, and
+        # DistiLLM's phi moves on it as in an uninterrupted run
+        log.eval(state["step"], evaluation())
 
     last_saved = state["step"] if found else -1
     final = {}
     while state["step"] < cfg.train.steps:
         t0 = time.perf_counter()
-        lr = engines.set_optimizer_settings(student, state["step"], cfg)
-        stats = train_step(student, teacher, loader, sp, cfg, progress=state["step"] / cfg.train.steps)
+        lr = [engines.set_optimizer_settings(m, state["step"], cfg) for m in models.trainable()][0]
+        stats = train_step(models, loader, rollout, sp, cfg, progress=state["step"] / cfg.train.steps,
+                           classmate_learns=state["step"] % cfg.classmate.update_every == 0)
         state["step"] += 1
         if stats is None:
             state["bad_steps"] += 1
@@ -184,7 +239,7 @@ def run(cfg: Config) -> dict:
             log.step(state["step"], stats)
         stopping = stop.agreed()     # before eval: the launcher SIGKILLs 30 s after its SIGTERM
         if eval_loader and not stopping and cfg.train.eval_every and state["step"] % cfg.train.eval_every == 0:
-            final = evaluate.held_out(student, teacher, eval_loader(), sp, cfg)
+            final = evaluation()
             log.eval(state["step"], final)
         if stopping or (cfg.train.save_every and state["step"] % cfg.train.save_every == 0):
             save()
@@ -196,7 +251,7 @@ def run(cfg: Config) -> dict:
     if last_saved != state["step"]:
         save()
     if eval_loader and not log.has_eval(state["step"]):
-        final = evaluate.held_out(student, teacher, eval_loader(), sp, cfg)
+        final = evaluation()
         log.eval(state["step"], final)
     evaluate.export_hf(student, tokenizer, run_dir / "student-hf", state["step"],
                        trained=state["step"] != resumed_at)

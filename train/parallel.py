@@ -26,6 +26,7 @@ Sequence parallelism (``parallel.sequence=N``, DeepSpeed Ulysses)
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import deepspeed
@@ -134,6 +135,7 @@ def shard(batch: dict[str, torch.Tensor], rank: int, size: int, packed: bool = F
     sequence-parallel slices (the mask is rebuilt for the whole sequence inside attention).
     """
     batch = dict(batch)
+    batch.pop("prompt_len", None)             # the rollout's; the models never need it
     batch["targets"] = data.shift_labels(batch.pop("labels"))
     if size > 1:
         T = batch["input_ids"].shape[1]
@@ -177,6 +179,7 @@ class SequenceParallel:
             mpu.initialize_sequence_parallel(size)
             self.group, self.rank = mpu.get_sequence_parallel_group(), mpu.get_sequence_parallel_rank()
         self._core: dict[str, callable] = {}
+        self._whole = False
         self._ulysses: dict[tuple, torch.nn.Module] = {}
         self._masks: dict[int | None, tuple] = {}
 
@@ -199,7 +202,23 @@ class SequenceParallel:
         # Replace the core in place (as DeepSpeed does): transformers keeps taking its
         # implementation-specific paths (masks, flash varlen) for the name it knows.
         route = self._attention if self.size > 1 else self._core_attention
-        ALL_ATTENTION_FUNCTIONS[attn] = lambda *a, **kw: route(attn, *a, **kw)
+
+        def dispatch(*args, **kwargs):
+            if self._whole:                      # generation: transformers' own attention, its own mask
+                return self._core[attn](*args, **kwargs)
+            return route(attn, *args, **kwargs)
+        ALL_ATTENTION_FUNCTIONS[attn] = dispatch
+
+    @contextlib.contextmanager
+    def whole_sequences(self):
+        """Forwards that see whole sequences on this rank (generation: every rank holds its prompts and
+        the KV cache of its own samples) bypass Ulysses and the packed-document handling; the scored
+        batch is sharded afterwards."""
+        self._whole = True
+        try:
+            yield
+        finally:
+            self._whole = False
 
     def _attention(self, attn, module, query, key, value, attention_mask, *args, **kwargs):
         from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF

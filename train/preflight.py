@@ -2,8 +2,8 @@
 (under an external launcher, every rank runs it; the ranks then agree on the ``Plan``).
 
 Inputs: every path exists; every record of ``data.train`` / ``data.eval`` is readable and of a known
-format; each model directory's ``config.json`` matches its weights; the vocabularies of tokenizer,
-student and teacher line up; the sequence-parallel split fits the ranks and the models. The run:
+format (and, on-policy, has a prompt to sample from); each model directory's ``config.json`` matches
+its weights; the vocabularies of tokenizer, student, teacher and classmate line up; the sequence-parallel split fits the ranks and the models. The run:
 the checkpoint to resume from is complete and undamaged, and is not past ``train.steps``; an earlier
 run in the run directory is never overwritten unless ``overwrite=true`` says so. What a resumed run
 takes from its checkpoint, and which settings changed since, become ``Plan.notes`` for the log.
@@ -41,9 +41,10 @@ def check(cfg: Config, nproc: int) -> Plan:
     """Raise a user error (one paragraph) on the first problem; the plan of the run otherwise."""
     if not os.environ.get(CHECKED_ENV):
         _paths(cfg)
-        for path, limit in ((cfg.data.train, None), (cfg.data.eval, cfg.data.eval_samples)):
+        for key, limit in (("data.train", None), ("data.eval", cfg.data.eval_samples)):
+            path = getattr(cfg.data, key.split(".")[1])
             if path:
-                _records(path, limit)
+                _records(path, limit, need_prompt=key == "data.train" and cfg.onpolicy.mode != "off")
         _models(cfg)
     _parallel(cfg, nproc)
     return _run_plan(cfg, nproc)
@@ -52,8 +53,8 @@ def check(cfg: Config, nproc: int) -> Plan:
 def _paths(cfg: Config) -> None:
     paths = {"data.train": cfg.data.train, "data.eval": cfg.data.eval, "data.tokenizer": cfg.data.tokenizer,
              "model.student_init": cfg.model.student_init}
-    paths.update({f"model.{k}": v for k, v in (("student", cfg.model.student), ("teacher", cfg.model.teacher))
-                  if v not in PRESETS})
+    paths.update({f"model.{k}": v for k, v in (("student", cfg.model.student), ("teacher", cfg.model.teacher),
+                                                ("classmate", cfg.model.classmate)) if v not in PRESETS})
     if cfg.loss.method == "sft":
         paths.pop("model.teacher", None)
     for key, value in paths.items():
@@ -62,11 +63,17 @@ def _paths(cfg: Config) -> None:
                                     f"{Path.cwd()}, where kd-train runs)")
 
 
-def _records(path: str, limit: int | None) -> None:
-    """Every record parses and has a known format (tokenisation happens in the ranks)."""
+def _records(path: str, limit: int | None, need_prompt: bool = False) -> None:
+    """Every record parses and has a known format (tokenisation happens in the ranks); with
+    ``need_prompt`` (on-policy training samples from prompts) every record has a prompt."""
     n = 0
     for where, record in data.iter_records(path, limit):
-        data.to_example(record, None, where=where)
+        ex = data.to_example(record, None, where=where)
+        if need_prompt and not ex.prompt.strip():
+            raise data.DataError(
+                f"{where}: this record has no prompt, and on-policy training (onpolicy.mode) replaces each response "
+                "with the student's own continuation of its prompt. Give every record a prompt (prompt/response, "
+                "chat with a user turn, ...), or train off-policy with onpolicy.mode=off.")
         n += 1
     if not n:
         raise data.DataError(f"{path}: the dataset is empty; point the config at a file with at least one record")
@@ -121,6 +128,19 @@ def _models(cfg: Config) -> None:
         raise ModelError(f"{s_key}: the student has {s_rows} vocabulary rows but the tokenizer ({tok_key}) makes "
                          f"ids up to {vocab - 1}. Use the student's own tokenizer, or resize the student "
                          "(kd-convert vocab-check --resize).")
+    if cfg.model.classmate:
+        c_rows = _rows("model.classmate", cfg.model.classmate, vocab)
+        classmate = Path(cfg.model.classmate)
+        why = None
+        if classmate.is_dir() and any(classmate.glob("tokenizer*")):
+            ok, why = tokenizers_match(load_tokenizer(classmate), tokenizer)
+            why = None if ok else why
+        if why or c_rows != s_rows:
+            raise ModelError(
+                f"model.classmate={cfg.model.classmate} does not share the student's vocabulary ("
+                + (f"its tokenizer differs: {why}" if why else f"{c_rows} vocabulary rows, the student {s_rows}")
+                + "). The misfeedback term compares student and classmate token by token: use a classmate of the "
+                "student's architecture and tokenizer (e.g. model.classmate=<the student's config or preset>).")
     if cfg.loss.method == "sft":
         return
     t_rows = _rows("model.teacher", cfg.model.teacher, vocab)
@@ -153,6 +173,8 @@ def _parallel(cfg: Config, nproc: int) -> None:
     models = {"student_init" if cfg.model.student_init else "student": cfg.model.student_init or cfg.model.student}
     if cfg.loss.method != "sft":
         models["teacher"] = cfg.model.teacher
+    if cfg.model.classmate:
+        models["classmate"] = cfg.model.classmate
     for role, spec in models.items():
         conf = model_config(spec)
         check_model(conf, f"model.{role}={spec}", sp, resolve_attention(cfg.model.attn_implementation, conf))
@@ -190,6 +212,13 @@ def _run_plan(cfg: Config, nproc: int) -> Plan:
             f"train.steps above {step} to train further, or export that checkpoint with `kd-convert zero-to-hf "
             f"{tag_dir} OUT_DIR`.")
     plan.resume_world = (checkpoint.manifest(tag_dir) or {}).get("world_size") or checkpoint.world_size_of(tag_dir)
+    held = checkpoint.engine_dirs(tag_dir)
+    for name in ("student", "classmate") if cfg.model.classmate else ("student",):
+        if name not in held:
+            raise checkpoint.CheckpointError(
+                f"the checkpoint to resume from, {tag_dir}, holds no {name} engine (it holds: "
+                f"{', '.join(held) or 'none'}): it was written by a run without model.{name}. Resume it without "
+                f"model.{name}, or start this run afresh (resume=none, a new run_name).")
     plan.notes.append(f"resuming from {tag_dir} (step {step}): weights, optimizer moments, data position, step "
                       "counters and RNG come from the checkpoint; every setting comes from this run's config")
     later = [t for t in checkpoint.complete_tags(ckpt_dir) if checkpoint.step_of(t) > step] if own else []
@@ -209,8 +238,11 @@ def _run_plan(cfg: Config, nproc: int) -> Plan:
                 f"it at zero_stage={cfg.parallel.zero_stage}. Resume with parallel.zero_stage={saved.parallel.zero_stage}.")
     if plan.resume_world != nproc:
         plan.universal = cfg.parallel.zero_stage > 0
-        how = ("the student resumes from DeepSpeed's universal checkpoint (made once, in the tag's 'universal' folder)"
-               if plan.universal else "the student loads it as it is (ZeRO stage 0 keeps whole states)")
+        how = ("the trained engines resume from DeepSpeed's universal checkpoint (made once, in a 'universal' folder "
+               "beside each engine's files)" if plan.universal else
+               "the trained engines load it as it is (ZeRO stage 0 keeps whole states)")
+        if cfg.onpolicy.mode != "off":
+            how += "; the replay buffer starts empty and the sampling streams restart from train.seed"
         plan.notes.append(f"the checkpoint was written by {plan.resume_world} ranks and this run has {nproc}: {how}, the "
                           "data continues from the same global sample, and per-rank random streams restart from train.seed")
     return plan

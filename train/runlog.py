@@ -144,19 +144,24 @@ def plot_curves(runs: dict[str, Path], key: str, out: Path, title: str) -> bool:
 
 def write_report(out_dir: Path, title: str, summary: list[str], runs: dict[str, Path]) -> Path:
     """``out_dir/report.md``: a title, ``summary`` (Markdown lines), a PNG per loss term the runs
-    logged (one curve per run), and the held-out student NLL at each evaluation."""
+    logged (one curve per run), and the held-out student NLL at each evaluation (and, for class KD,
+    the classmate's NLL and KL(teacher || classmate))."""
     out_dir = Path(out_dir)
     lines = [f"# {title}", "", *summary, ""]
     logged = {name: read_metrics(d) for name, d in runs.items()}
-    for key in ("loss", "soft_target", "group_relative", "ce"):
+    for key in ("loss", "soft_target", "group_relative", "ce", "misfeedback", "classmate_loss", "onpolicy_fraction"):
         if any(key in r for train, _ in logged.values() for r in train) and \
                 plot_curves(runs, key, out_dir / f"{key}.png", f"{key} (each run's own objective)"):
             lines += [f"![{key}]({key}.png)", ""]
-    rows = [(name, e["step"], e["eval_student_nll"]) for name, (_, evals) in logged.items() for e in evals
-            if "eval_student_nll" in e]
+    rows = [(name, e) for name, (_, evals) in logged.items() for e in evals if "eval_student_nll" in e]
     if rows:
-        lines += ["Held-out student NLL during training:", "", "| run | step | NLL |", "|---|---|---|"]
-        lines += [f"| {n} | {s} | {v:.4f} |" for n, s, v in rows]
+        cols = [("eval_student_nll", "NLL")]
+        if any("eval_classmate_nll" in e for _, e in rows):
+            cols += [("eval_classmate_nll", "classmate NLL"), ("eval_classmate_forward_kl", "KL(teacher || classmate)")]
+        lines += ["Held-out student NLL during training:", "", "| run | step | " + " | ".join(c for _, c in cols) + " |",
+                  "|---" * (len(cols) + 2) + "|"]
+        lines += [f"| {n} | {e['step']} | " + " | ".join(f"{e[k]:.4f}" if k in e else "-" for k, _ in cols) + " |"
+                  for n, e in rows]
     path = out_dir / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -85,7 +85,7 @@ def test_student_trains_in_train_mode_and_deepspeed_sees_the_loss(kd_setup, tmp_
 def test_zero3_variants_equal_stage0(kd_setup, tmp_path):
     """Every parameter partitioned (no persistence threshold), communication overlapped, and the
     optimizer offloaded to the CPU: the same losses and weights as stage 0 after 3 steps."""
-    from train.config import DS_CONFIG_DIR
+    from train.engines import DS_CONFIG_DIR
     partitioned = tmp_path / "zero3_partitioned.json"
     conf = json.loads((DS_CONFIG_DIR / "zero3_student.json").read_text())
     conf["zero_optimization"].update(stage3_param_persistence_threshold=0, overlap_comm=True)

@@ -109,7 +109,25 @@ def test_a_failed_write_names_the_rank_the_space_and_what_is_kept(tmp_path, monk
     fake(tmp_path, 1)
     (tmp_path / "latest").write_text(C.tag_for(1))
     with pytest.raises(C.CheckpointError) as e:
-        C.save(Engine(), tmp_path, 2, {}, {}, keep=1, config_yaml="", last_finite=2)
+        C.save({"student": Engine()}, tmp_path, 2, {}, {}, keep=1, config_yaml="", last_finite=2)
     assert e.value.rank_local and "failed on rank 0: [Errno 28] No space left on device" in str(e.value)
     assert "MB are free on" in str(e.value) and "'latest' are intact" in str(e.value)
     assert (tmp_path / "latest").read_text() == C.tag_for(1) and C.complete_tags(tmp_path) == [C.tag_for(1)]
+
+
+def test_engine_dirs_new_layout_legacy_layout_and_a_missing_engine(tmp_path):
+    """Each trained engine in its own folder; a checkpoint written before folders holds the student's
+    files in the step directory itself (it still loads); the universal folder is not an engine."""
+    new = fake(tmp_path / "new", 3)
+    for name in ("student", "classmate"):
+        (new / name).mkdir()
+        (new / name / "mp_rank_00_model_states.pt").write_bytes(b"m")
+    (new / "student" / C.UNIVERSAL).mkdir()
+    assert C.engine_dirs(new) == {"classmate": new / "classmate", "student": new / "student"}
+    old = fake(tmp_path / "old", 3)
+    (old / "mp_rank_00_model_states.pt").write_bytes(b"m")
+    (old / C.UNIVERSAL).mkdir()
+    (old / C.UNIVERSAL / "mp_rank_00_model_states.pt").write_bytes(b"m")
+    assert C.engine_dirs(old) == {"student": old}
+    with pytest.raises(C.CheckpointError, match="holds no classmate engine .*it holds: student"):
+        C._engine_dir(old, "classmate")

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from train import config as C
+from train import engines as E
 from train.config import ConfigError, Config, load_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -259,11 +260,11 @@ def test_validate_programmatic_config():
 # DeepSpeed configs
 
 def test_ds_config_files_are_plain_json():
-    names = sorted(p.name for p in C.DS_CONFIG_DIR.glob("*.json"))
+    names = sorted(p.name for p in E.DS_CONFIG_DIR.glob("*.json"))
     assert names == ["zero3_student.json", "zero3_student_offload.json", "zero3_teacher.json",
                      "zero3_teacher_offload.json"]
     for name in names:
-        text = (C.DS_CONFIG_DIR / name).read_text()
+        text = (E.DS_CONFIG_DIR / name).read_text()
         d = json.loads(text)
         assert '"auto"' not in text and "optimizer" not in d and "scheduler" not in d
         assert d["zero_optimization"]["stage"] == 3
@@ -271,7 +272,7 @@ def test_ds_config_files_are_plain_json():
 
 def test_ds_config_student():
     c = load("train.micro_batch=2", "train.grad_accum=3", "train.grad_clip=0.5", "parallel.zero_stage=2")
-    d = C.ds_config(c, "student", world_size=4, device="cpu")
+    d = E.ds_config(c, "student", world_size=4, device="cpu")
     assert d["train_micro_batch_size_per_gpu"] == 2 and d["gradient_accumulation_steps"] == 3
     assert d["train_batch_size"] == 2 * 3 * 4
     assert d["gradient_clipping"] == 0.5 and d["zero_optimization"]["stage"] == 2
@@ -283,8 +284,8 @@ def test_ds_config_student():
     # the trainer weights micro-batches itself and steps once per optimizer step
     assert d["managed_gradient_accumulation"] is False and d["zero_optimization"]["overlap_comm"] is True
     assert "checkpoint" not in d
-    assert C.ds_config(c, "student", 4, device="cpu", load_universal=True)["checkpoint"]["load_universal"] is True
-    stage1 = C.ds_config(load("parallel.zero_stage=1"), "student", 4, device="cpu")
+    assert E.ds_config(c, "student", 4, device="cpu", load_universal=True)["checkpoint"]["load_universal"] is True
+    stage1 = E.ds_config(load("parallel.zero_stage=1"), "student", 4, device="cpu")
     assert stage1["zero_optimization"]["overlap_comm"] is False      # DeepSpeed refuses it there
 
 
@@ -307,18 +308,50 @@ def test_chat_template_and_overwrite_keys(tmp_path):
 
 def test_ds_config_teacher():
     c = load("train.micro_batch=2", "parallel.zero_stage=1", "model.dtype=bf16")
-    d = C.ds_config(c, "teacher", world_size=2, device="cpu")
+    d = E.ds_config(c, "teacher", world_size=2, device="cpu")
     assert d["zero_optimization"]["stage"] == 3                  # the teacher always shards
     assert "gradient_clipping" not in d and "optimizer" not in d
     assert "offload_param" not in d["zero_optimization"]
     assert d["train_batch_size"] == 4 and d["bf16"]["enabled"] is True
 
 
+def test_ds_config_classmate_is_trained_like_the_student():
+    c = load("parallel.zero_stage=2", "parallel.offload_optimizer=true", "train.grad_clip=0.5")
+    assert E.ds_config(c, "classmate", 2, device="cpu") == E.ds_config(c, "student", 2, device="cpu")
+    with pytest.raises(ValueError, match="role must be one of"):
+        E.ds_config(c, "critic", 2, device="cpu")
+
+
+def test_onpolicy_and_classmate_settings_that_cannot_work_are_refused_before_launch():
+    with pytest.raises(ConfigError, match="data.pack=false"):
+        load("onpolicy.mode=gkd", "data.pack=true")
+    with pytest.raises(ConfigError, match="onpolicy.max_new_tokens=64 .*data.max_len=64"):
+        load("onpolicy.mode=gkd", "data.max_len=64", "onpolicy.max_new_tokens=64")
+    with pytest.raises(ConfigError, match="phi never moves"):
+        load("onpolicy.mode=distillm", "data.eval=null", "train.eval_every=10")
+    with pytest.raises(ConfigError, match="train.eval_every=0"):
+        load("onpolicy.mode=distillm", "data.eval=e.jsonl")
+    with pytest.raises(ConfigError, match="needs a teacher to score"):
+        load("onpolicy.mode=gkd", "loss.method=sft")
+    with pytest.raises(ConfigError, match="onpolicy.val_metric"):
+        load("onpolicy.mode=distillm", "data.eval=e.jsonl", "train.eval_every=5", "onpolicy.val_metric=eval_typo")
+    with pytest.raises(ConfigError, match="misfeedback applies to student-generated samples"):
+        load("model.classmate=demo-student")
+    with pytest.raises(ConfigError, match="no micro-batch holds them"):
+        load("model.classmate=demo-student", "onpolicy.mode=always")
+    with pytest.raises(ConfigError, match="never train"):
+        load("model.classmate=demo-student", "onpolicy.mode=gkd", "onpolicy.fraction=1")
+    with pytest.raises(ConfigError, match="onpolicy.mode"):
+        load("onpolicy.mode=sometimes")
+    c = load("model.classmate=demo-student", "onpolicy.mode=gkd", "classmate.update_every=3")
+    assert c.classmate.update_every == 3 and c.onpolicy.fraction == 0.5
+
+
 def test_ds_config_offload_and_sequence_parallel():
     c = load("parallel.offload_teacher=true", "parallel.offload_optimizer=true", "parallel.sequence=2",
              "train.micro_batch=1", "train.grad_accum=2")
-    s = C.ds_config(c, "student", world_size=8, device="cuda")
-    t = C.ds_config(c, "teacher", world_size=8, device="cuda")
+    s = E.ds_config(c, "student", world_size=8, device="cuda")
+    t = E.ds_config(c, "teacher", world_size=8, device="cuda")
     assert s["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert s["zero_force_ds_cpu_optimizer"] is False
     assert t["zero_optimization"]["offload_param"]["device"] == "cpu"
@@ -327,11 +360,11 @@ def test_ds_config_offload_and_sequence_parallel():
     assert s["sequence_parallel_size"] == 2
     assert s["bf16"]["enabled"] is True                                    # auto on GPU = bf16
     with pytest.raises(ConfigError, match="multiple of parallel.sequence"):
-        C.ds_config(c, "student", world_size=3, device="cuda")
+        E.ds_config(c, "student", world_size=3, device="cuda")
 
 
 def test_ds_config_fp16_student_gets_loss_scaling():
-    d = C.ds_config(load("model.dtype=fp16"), "student", world_size=1, device="cuda")
+    d = E.ds_config(load("model.dtype=fp16"), "student", world_size=1, device="cuda")
     assert d["fp16"]["enabled"] is True and d["fp16"]["loss_scale"] == 0 and d["bf16"]["enabled"] is False
 
 
@@ -340,21 +373,21 @@ def test_ds_config_user_file_keeps_settings_but_not_owned_keys(tmp_path):
     user.write_text(json.dumps({"train_batch_size": 999, "gradient_clipping": 9.0,
                                 "zero_optimization": {"stage": 1, "reduce_bucket_size": 1234},
                                 "communication_data_type": "fp32"}))
-    d = C.ds_config(load(f"parallel.ds_config_student={user}"), "student", world_size=2, device="cpu")
+    d = E.ds_config(load(f"parallel.ds_config_student={user}"), "student", world_size=2, device="cpu")
     assert d["zero_optimization"]["reduce_bucket_size"] == 1234 and d["communication_data_type"] == "fp32"
     assert d["zero_optimization"]["stage"] == 3 and d["gradient_clipping"] == 1.0
     assert d["train_batch_size"] == 8 * 2
     user.write_text(json.dumps({"optimizer": {"type": "Adam"}}))
     with pytest.raises(ConfigError, match="optimizer"):
-        C.ds_config(load(f"parallel.ds_config_student={user}"), "student", world_size=1, device="cpu")
+        E.ds_config(load(f"parallel.ds_config_student={user}"), "student", world_size=1, device="cpu")
     # the teacher is frozen: whatever the file says, it gets no optimizer, schedule or clipping
     user.write_text(json.dumps({"optimizer": {"type": "Adam"}, "scheduler": {"type": "WarmupLR"},
                                 "gradient_clipping": 1.0, "zero_optimization": {"offload_optimizer": {}}}))
-    t = C.ds_config(load(f"parallel.ds_config_teacher={user}"), "teacher", world_size=1, device="cpu")
+    t = E.ds_config(load(f"parallel.ds_config_teacher={user}"), "teacher", world_size=1, device="cpu")
     assert not {"optimizer", "scheduler", "gradient_clipping"} & set(t)
     assert "offload_optimizer" not in t["zero_optimization"] and t["zero_optimization"]["stage"] == 3
     with pytest.raises(ConfigError, match="parallel.ds_config_teacher"):
-        C.ds_config(load(f"parallel.ds_config_teacher={tmp_path / 'no.json'}"), "teacher", 1, device="cpu")
+        E.ds_config(load(f"parallel.ds_config_teacher={tmp_path / 'no.json'}"), "teacher", 1, device="cpu")
 
 
 @pytest.mark.parametrize("overrides", [
@@ -369,7 +402,7 @@ def test_deepspeed_accepts_ds_configs(monkeypatch, overrides, role):
     monkeypatch.setattr(dsc.dist, "get_rank", lambda *a, **k: 0)
     monkeypatch.setattr(dsc.dist, "get_world_size", lambda *a, **k: world)
     c = load("train.micro_batch=2", "train.grad_accum=2", *overrides)
-    d = C.ds_config(c, role, world_size=world, device="cuda")
+    d = E.ds_config(c, role, world_size=world, device="cuda")
     parsed = dsc.DeepSpeedConfig(json.loads(json.dumps(d)))
     assert parsed.train_batch_size == d["train_batch_size"] == 2 * 2 * world // c.parallel.sequence
     assert parsed.zero_optimization_stage == (1 if "parallel.zero_stage=1" in overrides and role == "student"
@@ -397,7 +430,7 @@ def test_every_recipe_parses(recipe):
     c = load_config(str(recipe), [])
     assert c.model.student and c.data.train
     assert c.model.teacher or c.loss.method == "sft"
-    C.ds_config(c, "student", world_size=c.parallel.nproc or 2, device="cuda")
+    E.ds_config(c, "student", world_size=c.parallel.nproc or 2, device="cuda")
 
 
 def test_llama_recipe_values():

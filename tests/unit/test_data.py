@@ -405,7 +405,9 @@ def test_collate_unpacked(tok):
     items = [ds[0], ds[1], ds[2]]
     lens = [len(it["input_ids"]) for it in items]
     batch = Collator(tok.pad_id)(items)
-    assert set(batch) == {"input_ids", "labels", "attention_mask", "position_ids"}
+    assert set(batch) == {"input_ids", "labels", "attention_mask", "position_ids", "prompt_len"}
+    # where each row's response starts: its first trained label
+    assert batch.pop("prompt_len").tolist() == [int((it["labels"] != IGNORE_INDEX).argmax()) for it in items]
     assert all(v.dtype == torch.long and v.shape == (3, max(lens)) for v in batch.values())
     for row, (it, n) in enumerate(zip(items, lens)):
         assert batch["input_ids"][row, :n].tolist() == it["input_ids"].tolist()

@@ -166,7 +166,8 @@ def test_long_context_recipe_splits_llama3_heads():
     """recipes/llama3_8b_to_1b_32k.yaml against the real Llama-3.1-8B and Llama-3.2-1B geometries."""
     from pathlib import Path
 
-    from train.config import ds_config, load_config
+    from train.config import load_config
+    from train.engines import ds_config
     c = load_config(str(Path(__file__).parents[2] / "recipes" / "llama3_8b_to_1b_32k.yaml"), [])
     assert (c.parallel.sequence, c.parallel.nproc, c.data.max_len, c.data.pack) == (8, 8, 32768, True)
     teacher = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,

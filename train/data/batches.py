@@ -1,7 +1,7 @@
 """Batches: (packed) examples -> padded tensors, and the exactly resumable loader.
 
 ``make_loader`` batches are ``input_ids``, ``labels`` (unshifted), ``attention_mask``, ``position_ids``, all
-``[B, L]`` int64, L the longest in the batch rounded up to ``pad_to_multiple_of``. Padding: pad id, label
+``[B, L]`` int64 (unpacked: also ``prompt_len [B]``, where each row's final response starts), L the longest in the batch rounded up to ``pad_to_multiple_of``. Padding: pad id, label
 -100, mask 0. Unpacked: position ids ``0..L-1``. Packed (``pack=True``): examples concatenated greedily into
 rows of at most ``max_len``, position ids restarting at 0 for each example (and for the padding tail), the
 first token of each example labelled -100 so nothing is predicted across a boundary. To keep packed examples
@@ -87,8 +87,11 @@ class Collator:
             if "position_ids" in it:  # packed: the padding tail restarts at 0, a segment of its own
                 position_ids[row, :n] = torch.from_numpy(it["position_ids"].astype(np.int64))
                 position_ids[row, n:] = torch.arange(length - n)
-        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
-                "position_ids": position_ids}
+        batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
+                 "position_ids": position_ids}
+        if all("prompt_len" in it for it in items):   # unpacked rows: where each row's prompt ends
+            batch["prompt_len"] = torch.tensor([int(it["prompt_len"]) for it in items], dtype=torch.long)
+        return batch
 
 
 class _RepeatMarked(Dataset):

@@ -30,22 +30,25 @@ class TokenizedExample(NamedTuple):
     input_ids: list[int]
     labels: list[int]
     truncated: bool
+    prompt_len: int = 0     # tokens before the final response: what on-policy sampling continues
 
 
-def _encode_segments(segments, tokenizer) -> tuple[list[int], list[int], list[int]]:
-    """bos + each segment encoded on its own: (ids, unshifted labels, ids of the last trained segment)."""
+def _encode_segments(segments, tokenizer) -> tuple[list[int], list[int], list[int], int]:
+    """bos + each segment encoded on its own: (ids, unshifted labels, ids of the last trained segment,
+    the number of ids before it)."""
     ids: list[int] = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
     labels: list[int] = [IGNORE_INDEX] * len(ids)
     last_trained: list[int] = []
+    before_last = len(ids)
     for text, trainable in segments:
         if not text:
             continue
         toks = tokenizer.encode(text)
+        if trainable:
+            last_trained, before_last = toks, len(ids)
         ids += toks
         labels += toks if trainable else [IGNORE_INDEX] * len(toks)
-        if trainable:
-            last_trained = toks
-    return ids, labels, last_trained
+    return ids, labels, last_trained, before_last
 
 
 def encode_prompt(prompt: str | Example, tokenizer) -> list[int]:
@@ -58,11 +61,11 @@ def encode_prompt(prompt: str | Example, tokenizer) -> list[int]:
 
 
 def tokenize_example(ex: Example, tokenizer, max_len: int) -> TokenizedExample | None:
-    """``(input_ids, labels, truncated)`` with unshifted labels (-100 on bos and prompt), or None when
+    """``(input_ids, labels, truncated, prompt_len)`` with unshifted labels (-100 on bos and prompt), or None when
     truncation to ``max_len`` left no trained token (the caller counts it as dropped)."""
     if max_len < 2:
         raise ValueError(f"max_len must be at least 2, got {max_len}")
-    ids, labels, last_trained = _encode_segments(ex.as_segments(), tokenizer)
+    ids, labels, last_trained, prompt_len = _encode_segments(ex.as_segments(), tokenizer)
     # A template's end-of-turn marker may already be eos (e.g. <|im_end|>); do not add a second one.
     if tokenizer.eos_id is not None and not (ex.from_template and tokenizer.eos_id in last_trained):
         ids.append(tokenizer.eos_id)
@@ -72,7 +75,7 @@ def tokenize_example(ex: Example, tokenizer, max_len: int) -> TokenizedExample |
         ids, labels = ids[:max_len], labels[:max_len]
     if all(label == IGNORE_INDEX for label in labels):
         return None
-    return TokenizedExample(ids, labels, truncated)
+    return TokenizedExample(ids, labels, truncated, min(prompt_len, len(ids)))
 
 
 def shift_labels(labels):
@@ -105,7 +108,8 @@ class DataStats:
 
 
 class TokenizedDataset(Dataset):
-    """Every record tokenized once, up front. Items are ``{"input_ids", "labels"}`` int32 numpy arrays;
+    """Every record tokenized once, up front. Items are ``{"input_ids", "labels"}`` int32 numpy arrays and
+    ``prompt_len`` (the tokens before the final response);
     ``examples[i]`` is item i's ``Example`` (for evaluation and debugging), ``stats`` the counts, per-format
     detection included (``stats.summary()`` is one log line).
 
@@ -139,7 +143,8 @@ class TokenizedDataset(Dataset):
             self.stats.n_label_tokens += sum(label != IGNORE_INDEX for label in tokens.labels)
             # int32 arrays: a quarter of the memory of Python int lists for large corpora
             self.items.append({"input_ids": np.asarray(tokens.input_ids, dtype=np.int32),
-                               "labels": np.asarray(tokens.labels, dtype=np.int32)})
+                               "labels": np.asarray(tokens.labels, dtype=np.int32),
+                               "prompt_len": np.int32(tokens.prompt_len)})
             self.examples.append(ex)
         self.stats.formats = dict(formats)
         self.stats.n_examples = len(self.items)
