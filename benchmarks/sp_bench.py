@@ -55,8 +55,9 @@ def worker(args) -> None:
     import torch.distributed as dist
 
     from train import data, engines, parallel
-    from train.config import ds_config, load_config
+    from train.config import load_config
     from train.loop import train_step
+    from train.rollout import Rollout
 
     torch.set_num_threads(1)
     parallel.init_distributed()
@@ -81,15 +82,15 @@ def worker(args) -> None:
             return {"input_ids": ids, "labels": labels}
 
     loader = data.make_loader(Random(), 1, sp.dp_rank, sp.dp_world, pad_id=0, pad_to_multiple_of=sp.pad_to_multiple_of)
-    student = engines.build_student(cfg, ds_config(cfg, "student", world), VOCAB, sp)
-    teacher = engines.build_teacher(cfg, ds_config(cfg, "teacher", world), VOCAB, sp)
+    models = engines.build(cfg, world, VOCAB, sp)
+    rollout = Rollout(cfg, models.student, sp, loader.collate_fn, pad_id=0, eos_id=None)   # mode off: the dataset
     times, step_mb, peak_mb = [], [], []
     for step in range(args.steps):
         dist.barrier()
         before = status_kb("VmRSS")
         reset_peak()
         t0 = time.perf_counter()
-        stats = train_step(student, teacher, loader, sp, cfg, progress=0.5)
+        stats = train_step(models, loader, rollout, sp, cfg, progress=0.5)
         dist.barrier()
         if step > 0:                 # step 0 creates the optimizer state
             times.append(time.perf_counter() - t0)
