@@ -18,9 +18,9 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python -m train
 
-# the demo's students for three seeds, and the spread of their figures (runs/demo/spread.md)
+# the demo's SFT and GRKD students for three seeds, and the spread of their figures (runs/demo/spread.md)
 demo-spread: $(STAMP)
-	$(BIN)/python -m train.demo --seeds 0 1 2
+	$(BIN)/python -m train.demo --seeds 0 1 2 --offpolicy-only
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
