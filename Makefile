@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: demo demo-spread test test-unit test-dist bench clean
+.PHONY: demo demo-spread test test-unit test-dist test-launchers bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -30,6 +30,13 @@ test-unit: $(STAMP)
 
 test-dist: $(STAMP)
 	$(BIN)/python -m pytest -q tests/dist
+
+# kd-train under torchrun, mpirun (OpenMPI + mpi4py: installed here, root and apt needed) and deepspeed,
+# against its self-launch; `make test` runs the same file and skips mpirun where OpenMPI is missing
+test-launchers: $(STAMP)
+	command -v mpirun >/dev/null || (apt-get update -q && apt-get install -y -q openmpi-bin libopenmpi-dev)
+	$(BIN)/python -m pip install -q -e '.[mpi]'
+	$(BIN)/python -m pytest -q tests/dist/test_launchers.py -rs
 
 bench: $(STAMP)
 	$(BIN)/python -m pip install -q -e '.[bench]'

@@ -3,7 +3,7 @@
 Not under a launcher, kd-train checks the config and every input first (a typo or a missing file fails
 in a second, not after spawning ranks), then re-launches itself with the `deepspeed` launcher on
 `parallel.nproc` ranks (2 on CPU, every GPU otherwise; DS_ACCELERATOR=cpu without a GPU). Under a
-launcher (`deepspeed ... -m train RECIPE`, torchrun, mpirun) it runs as one rank, with the same checks.
+launcher (`deepspeed ... --module train RECIPE`, torchrun, mpirun) it runs as one rank, with the same checks.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ examples:
   kd-train                                          the CPU demo (data, tokenizer, teacher made here)
   kd-train recipes/demo.yaml train.steps=8 run_name=x
   kd-train runs/x/config.yaml                       continue a run from its newest checkpoint
-  deepspeed --hostfile hosts -m train RECIPE        already launched: kd-train runs as one rank
+  deepspeed --hostfile hosts --module train RECIPE  already launched: kd-train runs as one rank
 
 overrides are dotted keys: train.steps=8, loss.params.k=16, data.pack=true, train.betas=[0.9,0.99].
 Every key, its default and its check: train/config.py (the README lists the stable ones).
@@ -42,6 +42,8 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("recipe", nargs="?", help="YAML recipe (or a run's config.yaml); none: the CPU demo")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted settings that replace the recipe's")
+    from .plan import add_arguments
+    add_arguments(p)
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)   # the deepspeed launcher's
     return p
 
@@ -112,6 +114,9 @@ def exit_process(code: int):
     if launched():
         sys.stdout.flush()
         sys.stderr.flush()
+        mpi = sys.modules.get("mpi4py.MPI")     # under mpirun: a rank that skips MPI_Finalize "exits improperly"
+        if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+            mpi.Finalize()
         os._exit(code)
     sys.exit(code)
 
@@ -120,10 +125,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_intermixed_args(sys.argv[1:] if argv is None else argv)
     from .config import load_config
     try:
+        if args.recipe is None and args.plan:      # the demo's plan, not the demo
+            from .demo import RECIPE
+            args.recipe = str(RECIPE)
         if args.recipe is None:
             from . import demo
             return demo.main([])
         cfg = load_config(args.recipe, args.overrides)
+        if args.plan:               # shapes only: no weights loaded, no ranks launched
+            from .plan import render
+            print(render(cfg, args.gpu_memory_gb, args.mfu, args.peak_tflops))
+            return 0
         if not launched():
             from . import demo, preflight
             if demo.is_demo_recipe(args.recipe):
