@@ -63,7 +63,7 @@ def resolve_checkpoint(ckpt_dir: str | Path, tag: str | None) -> tuple[Path, Pat
         raise ConvertError(f"checkpoint directory {root} does not exist")
     if any(root.glob("*_model_states.pt")) and tag is None:
         root, tag_dir = root.parent, root
-        if (root / COMPLETE).is_file() or any(root.glob("trainer_state_rank*.pt")):   # <tag>/<engine>/ given
+        if _is_step_dir(root):                                                    # <tag>/<engine>/ given
             root, tag_dir = root.parent, root
     elif tag is None and any(root.glob("*/*_model_states.pt")) and not (root / "latest").is_file():
         root, tag_dir = root.parent, root                                          # a tag dir holding engines
@@ -158,10 +158,12 @@ def engine_files(tag_dir: Path, engine: str) -> Path:
 def _given_engine(path: Path) -> str | None:
     """The engine named by a path to ``<tag>/<engine>/`` itself (a folder of DeepSpeed files whose parent is
     one of the stack's step directories)."""
-    parent = path.parent
-    if any(path.glob("*_model_states.pt")) and ((parent / COMPLETE).is_file() or any(parent.glob("trainer_state_rank*.pt"))):
-        return path.name
-    return None
+    return path.name if any(path.glob("*_model_states.pt")) and _is_step_dir(path.parent) else None
+
+
+def _is_step_dir(path: Path) -> bool:
+    """A step directory of the training stack: its COMPLETE marker or its per-rank trainer states."""
+    return (path / COMPLETE).is_file() or any(path.glob("trainer_state_rank*.pt"))
 
 
 class ZeroSource:

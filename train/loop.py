@@ -204,7 +204,7 @@ def run(cfg: Config) -> dict:
         return metrics
 
     if rollout.o.mode == "distillm" and rollout.ref_loss is None:   # DistiLLM's reference, before step 1
-        rollout.on_eval(evaluate.held_out(models, eval_loader(), sp, cfg))
+        evaluation()
     e = cfg.train.eval_every
     if found and eval_loader and e and state["step"] % e == 0 and not log.has_eval(state["step"]):
         # a run stopped on an evaluation step saved without it (time was short): it is owed, and

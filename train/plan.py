@@ -87,19 +87,18 @@ class Plan:
 
 
 def compute(cfg, nproc: int | None = None) -> Plan:
-    from .config import resolve_dtype
+    from .config import resolve_dtype, torch_dtype
     m, t, p = cfg.model, cfg.train, cfg.parallel
     ranks = nproc or p.nproc or (torch.cuda.device_count() if torch.cuda.is_available() else 8)
     dtype = resolve_dtype(m.dtype)
-    pbytes = 4 if "32" in str(dtype) else 2
-    specs = {"student": m.student, "teacher": m.teacher, "classmate": m.classmate}
+    pbytes = torch_dtype(dtype).itemsize
+    # the student as engines.build makes it: from student_init where set
+    specs = {"student": m.student_init or m.student, "teacher": m.teacher, "classmate": m.classmate}
+    shapes = {k: shape_of(v) for k, v in specs.items() if v and _is_hf(v)}
     # presets follow the vocabulary of an HF model beside them (the demo: the tokenizer's)
-    vocab = None
-    for s in (m.teacher, m.student):
-        if s and _is_hf(s):
-            vocab = shape_of(s).vocab
-            break
-    shapes = {k: shape_of(v, None if _is_hf(v) else vocab) for k, v in specs.items() if v}
+    vocab = next((shapes[k].vocab for k in ("teacher", "student") if k in shapes), None)
+    shapes.update({k: shape_of(v, vocab) for k, v in specs.items() if v and not _is_hf(v)})
+    shapes = {k: shapes[k] for k in specs if k in shapes}          # student, teacher, classmate order
     sp = p.sequence
     seq = cfg.data.max_len
     tokens = t.micro_batch * seq // sp

@@ -137,7 +137,7 @@ class Rollout:
     def __init__(self, cfg, student, sp, collate, pad_id: int, eos_id: int | None, vocab_size: int | None = None):
         self.o, self.student, self.sp, self.collate = cfg.onpolicy, student, sp, collate
         self.pad_id, self.max_len = pad_id, cfg.data.max_len
-        self.eos_id = stop_ids(getattr(student, "model", None), eos_id)
+        self.stops = stop_ids(getattr(student, "model", None), eos_id)
         # sampled ids stay among the tokenizer's, and the distilled rows (model.vocab_size)
         sizes = [n for n in (vocab_size, cfg.model.vocab_size) if n]
         self.vocab_size = min(sizes) if sizes else None
@@ -201,10 +201,9 @@ class Rollout:
                 self._step = self._step_lm = None
 
     @contextlib.contextmanager
-    def _generation(self):
+    def _generation(self, layerwise: bool):
         """The student ready to generate: the step's open context (entered at its first sampled
         micro-batch, on every rank alike: the draws agree), or one of its own outside a step."""
-        layerwise = self.o.generation == "layerwise"
         if self._step is None:
             with self.student.for_generation(layerwise) as lm:
                 yield lm
@@ -218,10 +217,10 @@ class Rollout:
         layerwise = self.o.generation == "layerwise"
         leader = self.sp.rank == 0
         out = None
-        with self._generation() as lm, self.sp.whole_sequences(), self._rng():
+        with self._generation(layerwise) as lm, self.sp.whole_sequences(), self._rng():
             if leader or layerwise:      # layer-by-layer gathers are collective: every rank steps
                 out = sample(lm, prompts, max_new_tokens=self.o.max_new_tokens, pad_id=self.pad_id,
-                             eos_id=self.eos_id, max_len=self.max_len, temperature=self.o.temperature,
+                             eos_id=self.stops, max_len=self.max_len, temperature=self.o.temperature,
                              top_p=self.o.top_p, synced=layerwise and dist.get_world_size() > 1,
                              vocab_size=self.vocab_size)
         out = self._from_leader(out)

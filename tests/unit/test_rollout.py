@@ -187,20 +187,16 @@ def test_distillm_replay_ratio_decreasing_vs_constant():
     assert c_early["fresh"] + c_early["replay"] == pytest.approx(0.6, abs=0.04)
 
 
-def test_distillm_constant_and_increasing_replay_ratios_as_in_distillm():
+@pytest.mark.parametrize("ratio, progress, fresh, fresh_tol, replay", [
+    ("constant", 0.5, 0.3, 0.04, 0.3), ("increasing", 0.25, 0.15, 0.03, 0.45)])
+def test_distillm_constant_and_increasing_replay_ratios_as_in_distillm(ratio, progress, fresh, fresh_tol, replay):
     """DistiLLM's finetune.py: fresh below phi / 2 (constant) or phi * progress (increasing)."""
-    r = make("distillm", "onpolicy.buffer_size=2", "onpolicy.replay_ratio=constant")
+    r = make("distillm", "onpolicy.buffer_size=2", f"onpolicy.replay_ratio={ratio}")
     r.phi = 0.6
     fill(r)
-    got = [r.source(0.5) for _ in range(3000)]
-    assert got.count("fresh") / 3000 == pytest.approx(0.3, abs=0.04)
-    assert got.count("replay") / 3000 == pytest.approx(0.3, abs=0.04)
-    r = make("distillm", "onpolicy.buffer_size=2", "onpolicy.replay_ratio=increasing")
-    r.phi = 0.6
-    fill(r)
-    got = [r.source(0.25) for _ in range(3000)]
-    assert got.count("fresh") / 3000 == pytest.approx(0.15, abs=0.03)
-    assert got.count("replay") / 3000 == pytest.approx(0.45, abs=0.04)
+    got = [r.source(progress) for _ in range(3000)]
+    assert got.count("fresh") / 3000 == pytest.approx(fresh, abs=fresh_tol)
+    assert got.count("replay") / 3000 == pytest.approx(replay, abs=0.04)
 
 
 # --- DistiLLM's threshold ---------------------------------------------------------------------
