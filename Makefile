@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: demo demo-spread test test-unit test-dist test-launchers bench clean
+.PHONY: demo demo-spread test test-unit test-dist test-launchers test-slurm system-deps bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -31,12 +31,22 @@ test-unit: $(STAMP)
 test-dist: $(STAMP)
 	$(BIN)/python -m pytest -q tests/dist
 
-# kd-train under torchrun, mpirun (OpenMPI + mpi4py: installed here, root and apt needed) and deepspeed,
-# against its self-launch; `make test` runs the same file and skips mpirun where OpenMPI is missing
-test-launchers: $(STAMP)
-	command -v mpirun >/dev/null || (apt-get update -q && apt-get install -y -q openmpi-bin libopenmpi-dev)
+# The system software the launcher tests use, where users have it: OpenMPI + mpi4py (the mpi extra),
+# SLURM + munge (a real single-node cluster the test starts), iproute2 (two network namespaces as two
+# nodes). Root and apt needed; CI runs this before `make test`, which skips those tests without them.
+SYSTEM_PACKAGES := openmpi-bin libopenmpi-dev slurm-wlm munge iproute2
+system-deps: $(STAMP)
+	dpkg -s $(SYSTEM_PACKAGES) >/dev/null 2>&1 || (apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(SYSTEM_PACKAGES))
 	$(BIN)/python -m pip install -q -e '.[mpi]'
-	$(BIN)/python -m pytest -q tests/dist/test_launchers.py -rs
+
+# kd-train under torchrun, mpirun, the deepspeed command, srun (scripts/slurm/kd-train.sbatch on a real
+# SLURM) and as a 2-node torchrun job, each against its self-launch
+test-launchers: system-deps
+	$(BIN)/python -m pytest -q tests/dist/test_launchers.py tests/dist/test_slurm.py tests/dist/test_two_nodes.py -rs
+
+test-slurm: system-deps
+	$(BIN)/python -m pytest -q tests/dist/test_slurm.py -rs
 
 bench: $(STAMP)
 	$(BIN)/python -m pip install -q -e '.[bench]'

@@ -1,3 +1,4 @@
-from .cli import exit_process, main
+from .cli import main
+from .launch import exit_process
 
 exit_process(main())

@@ -85,8 +85,8 @@ def ensure_prerequisites(cfg) -> None:
 
 
 def _kd_train(recipe: str, overrides: list[str]) -> None:
-    from .cli import main
-    code = main([recipe, *overrides])
+    from .launch import start
+    code = start(recipe, overrides)
     if code != 0:
         sys.exit(code)
 
@@ -233,4 +233,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from .launch import exit_process, is_user_error, report
+    try:
+        code = main()
+    except Exception as e:          # user errors: one paragraph, no traceback; bugs keep theirs
+        if not is_user_error(e):
+            raise
+        code = report(e)
+    exit_process(code)

@@ -19,8 +19,7 @@ import torch.distributed as dist
 
 import kd
 from kd.reduce import IGNORE_INDEX, all_reduce_values
-from . import checkpoint, data, engines, evaluate, parallel, preflight
-from .cli import PARENT_ENV
+from . import checkpoint, data, engines, evaluate, launch, parallel, preflight
 from .config import Config, dump_yaml
 from .rollout import Rollout
 from .runlog import RunLogger
@@ -39,7 +38,7 @@ class StopFlag:
         self.requested, self.device = False, device
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
-        parent = os.environ.get(PARENT_ENV)
+        parent = os.environ.get(launch.PARENT_ENV)
         if parent:
             threading.Thread(target=self._watch, args=(int(parent),), daemon=True).start()
 
@@ -140,11 +139,13 @@ def train_step(models: engines.Engines, loader, rollout: Rollout, sp: parallel.S
 
 def run(cfg: Config) -> dict:
     """Train according to ``cfg``; returns the final evaluation (rank 0; {} elsewhere)."""
+    me = launch.discover()
+    # every rank, before joining the others and before anything is written: a bad input stops them all
+    plan = preflight.check(cfg, me.world)
+    if torch.cuda.is_available():               # the device of this node's rank, not of the global rank
+        torch.cuda.set_device(me.local_rank)
     parallel.init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
-    if torch.cuda.is_available():               # the device of this node's rank, not of the global rank
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count())))
-    plan = preflight.check(cfg, world)       # every rank, before anything is written
     dist.barrier()
     sp = parallel.SequenceParallel(cfg.parallel.sequence)
     torch.manual_seed(cfg.train.seed)

@@ -12,12 +12,23 @@ Model states (DeepSpeed's own accounting, as in ``estimate_zero3_model_states_me
   gathered in flight (4 B x its params). offload_optimizer moves the 16 B (and, ZeRO 1/2, the
   gradient partition) to CPU memory. The teacher: ZeRO-3 weights (p B split),
   on CPU with offload_teacher.
+DeepSpeed's own buffers, read from the engine's DeepSpeed config (``engines.ds_config``, with
+DeepSpeed's defaults for what it leaves out):
+  the gradient bucket: reduce_bucket_size elements of the weights' type with contiguous_gradients
+  (two with overlap_comm at ZeRO 1/2);
+  ZeRO 3 keeps a gathered weight between its use in the forward and in the backward when the reuse
+  lies within stage3_max_reuse_distance parameters: about the last R/2 parameters of the model (the
+  whole of a model under R/2), p B each.
 Activations, per rank, at T = micro_batch x max_len / sequence tokens, s = max_len (attention sees
-the whole row under Ulysses, with heads / sequence heads), bytes per token per layer from
-Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models", eq. (2):
-  34 h + 5 a s  (16-bit; x2 for fp32); the 5 a s term (attention scores) is 0 with flash-attn.
-  With activation checkpointing: 2 h per layer kept (the layer inputs) + one layer recomputed.
-  The frozen teacher (no grad): one layer's 34 h per token.
+the whole row under Ulysses, with heads / sequence heads), counted per token and layer in elements
+as Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models",
+section 4.1) count them, for these models' blocks (n RMS norms of input, normalised and scaled
+output; q, k, v of widths h, h_kv, h_kv and the attention output; a gated MLP of width I keeping
+gate, up, activation and product; no dropout): 3 h n + 2 h + 2 h_kv + 4 I, plus 2 a s of scores for
+eager attention (sdpa and flash-attn keep none). Checked against the tensors autograd saves for a
+Llama and a Gemma-2 layer (tests/unit/test_plan.py).
+  With activation checkpointing: h per layer kept (the layer inputs) + one layer recomputed.
+  The frozen teacher (no grad): one layer's worth per token.
 Loss head: both lm heads gathered (V x H in the compute dtype), the student head's gradient (fp32
 sum + result: 6 B x V x H) and ~10 fp32 chunk buffers of loss.chunk_size x V.
 FLOPs per token (Kaplan et al. 2020 / PaLM appendix B): 6 N_student + 2 N_teacher
@@ -27,9 +38,7 @@ FLOPs per token (Kaplan et al. 2020 / PaLM appendix B): 6 N_student + 2 N_teache
 from __future__ import annotations
 
 import argparse
-import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -45,17 +54,42 @@ class Shape:
     hidden: int
     heads: int
     vocab: int
+    kv_width: int           # num_key_value_heads x head_dim
+    intermediate: int
+    norms: int              # norms per layer (Llama 2, Gemma-2 4)
+    eager: bool             # eager attention keeps its score matrices for the backward
 
 
-def shape_of(spec: str, vocab: int | None = None) -> Shape:
+def shape_of(spec: str, vocab: int | None = None, attn: str = "auto") -> Shape:
     from transformers import AutoModelForCausalLM
-    from .models import model_config
+    from .models import model_config, resolve_attention
     cfg = model_config(spec, vocab)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg)
     params = sum(p.numel() for p in model.parameters())
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
-    return Shape(params, largest, cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.vocab_size)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv = (getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads) * head_dim
+    layer = next(m for m in model.modules() if type(m).__name__.endswith("DecoderLayer"))
+    norms = sum(type(m).__name__.endswith("RMSNorm") for m in layer.modules())
+    return Shape(params, largest, cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.vocab_size,
+                 kv, cfg.intermediate_size, norms, resolve_attention(attn, cfg) == "eager")
+
+
+def zero_settings(cfg, role: str, ranks: int):
+    """The engine's ZeRO settings as DeepSpeed reads them (its defaults for what the file leaves out)."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    from .engines import ds_config
+    return DeepSpeedZeroConfig(**ds_config(cfg, role, ranks).get("zero_optimization", {}))
+
+
+def deepspeed_buffers(s: Shape, zero, pbytes: int) -> tuple[float, float]:
+    """(gradient bucket, gathered weights kept from forward to backward) of a trained engine, in bytes."""
+    bucket = 0.0
+    if zero.stage >= 1 and zero.contiguous_gradients:
+        bucket = zero.reduce_bucket_size * pbytes * (2 if zero.stage < 3 and zero.overlap_comm else 1)
+    kept = pbytes * min(s.params, zero.max_reuse_distance / 2) if zero.stage == 3 else 0.0
+    return bucket, kept
 
 
 def _is_hf(spec: str | None) -> bool:
@@ -77,6 +111,18 @@ def model_states(params: int, largest: int, stage: int, ranks: int, pbytes: int,
     return (gpu, opt) if offload else (gpu + opt, 0.0)
 
 
+def activations(s: Shape, tokens: int, seq: int, sp: int, pbytes: int, trained: bool = True,
+                checkpointing: bool = False) -> float:
+    """Bytes of activations one rank keeps for ``tokens`` tokens of rows ``seq`` long."""
+    scores = 2 * (s.heads // sp) * seq if s.eager else 0
+    per_layer = (3 * s.hidden * s.norms + 2 * s.hidden + 2 * s.kv_width + 4 * s.intermediate + scores) * pbytes
+    if not trained:
+        return tokens * per_layer
+    if checkpointing:
+        return tokens * (s.layers * s.hidden * pbytes + per_layer)
+    return tokens * s.layers * per_layer
+
+
 @dataclass
 class Plan:
     rows: list = field(default_factory=list)      # (label, GB)
@@ -94,26 +140,37 @@ def compute(cfg, nproc: int | None = None) -> Plan:
     pbytes = torch_dtype(dtype).itemsize
     # the student as engines.build makes it: from student_init where set
     specs = {"student": m.student_init or m.student, "teacher": m.teacher, "classmate": m.classmate}
-    shapes = {k: shape_of(v) for k, v in specs.items() if v and _is_hf(v)}
+    shapes = {k: shape_of(v, attn=m.attn_implementation) for k, v in specs.items() if v and _is_hf(v)}
     # presets follow the vocabulary of an HF model beside them (the demo: the tokenizer's)
     vocab = next((shapes[k].vocab for k in ("teacher", "student") if k in shapes), None)
-    shapes.update({k: shape_of(v, vocab) for k, v in specs.items() if v and not _is_hf(v)})
+    shapes.update({k: shape_of(v, vocab, m.attn_implementation) for k, v in specs.items() if v and not _is_hf(v)})
     shapes = {k: shapes[k] for k in specs if k in shapes}          # student, teacher, classmate order
     sp = p.sequence
     seq = cfg.data.max_len
     tokens = t.micro_batch * seq // sp
-    flash = m.attn_implementation == "flash_attention_2"
     plan = Plan()
     stu = shapes["student"]
     gpu, cpu = model_states(stu.params, stu.largest_layer, p.zero_stage, ranks, pbytes, p.offload_optimizer)
     plan.rows.append((f"student states ({_count(stu.params)}, ZeRO-{p.zero_stage}"
                       f"{', optimizer on CPU' if p.offload_optimizer else ''})", gpu / GB))
     plan.cpu += cpu
+    zero = zero_settings(cfg, "student", ranks)
+    bucket, kept = deepspeed_buffers(stu, zero, pbytes)
+    if kept:
+        plan.rows.append((f"student weights kept gathered for the backward (stage3_max_reuse_distance "
+                          f"{zero.max_reuse_distance:.2g})", kept / GB))
     if "classmate" in shapes:
         c = shapes["classmate"]
         gpu, cpu = model_states(c.params, c.largest_layer, p.zero_stage, ranks, pbytes, p.offload_optimizer)
+        c_bucket, c_kept = deepspeed_buffers(c, zero, pbytes)
         plan.rows.append((f"classmate states ({_count(c.params)})", gpu / GB))
+        if c_kept:
+            plan.rows.append(("classmate weights kept gathered for the backward", c_kept / GB))
         plan.cpu += cpu
+        bucket += c_bucket
+    if bucket:
+        plan.rows.append((f"DeepSpeed gradient buckets (reduce_bucket_size {zero.reduce_bucket_size:.2g})",
+                          bucket / GB))
     if "teacher" in shapes:
         te = shapes["teacher"]
         shard = pbytes * te.params / ranks
@@ -121,16 +178,9 @@ def compute(cfg, nproc: int | None = None) -> Plan:
                           f"{', on CPU' if p.offload_teacher else ''})", 0.0 if p.offload_teacher else shard / GB))
         if p.offload_teacher:
             plan.cpu += shard
-    scale = pbytes / 2
 
     def act(s: Shape, trained: bool) -> float:
-        attn = 0 if flash else 5 * (s.heads // sp) * seq
-        per_layer = (34 * s.hidden + attn) * scale
-        if not trained:
-            return tokens * per_layer
-        if m.activation_checkpointing:
-            return tokens * (s.layers * 2 * s.hidden * scale + per_layer)
-        return tokens * s.layers * per_layer
+        return activations(s, tokens, seq, sp, pbytes, trained, m.activation_checkpointing)
 
     ck = "checkpointed" if m.activation_checkpointing else "no checkpointing"
     plan.rows.append((f"student activations ({tokens} tokens, {ck})", act(stu, True) / GB))

@@ -21,7 +21,7 @@ from deepspeed.utils import safe_get_full_grad
 import train.loop
 from kd.reduce import IGNORE_INDEX
 from train import data, engines, parallel
-from train.cli import exit_process
+from train.launch import exit_process
 from train.config import load_config
 from train.rollout import Rollout
 from train.tokenizer import load_tokenizer

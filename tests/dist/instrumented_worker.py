@@ -8,6 +8,9 @@ environment variable:
 - ``KD_TEST_NAN=CALL[,CALL...]``: the fused loss of those calls (counted from 1 over the run, one
   call per micro-batch; run without data.eval, whose batches call it too) is made NaN on every
   rank, as a non-finite micro-batch would be.
+- ``KD_TEST_MEMORY=PATH``: JSON from every rank (PATH.rank<N>): its resident memory when the engines
+  start to be built, and its peak resident memory from then to the end of the last step (Linux's
+  VmHWM, reset at that point through /proc/self/clear_refs).
 """
 import json
 import os
@@ -19,7 +22,8 @@ import torch.distributed as dist
 from deepspeed.utils import safe_get_full_grad
 
 import train.loop
-from train.cli import exit_process, main
+from train.cli import main
+from train.launch import exit_process
 
 counts = {"mlp_forwards": [0], "backward_prologues": [0]}
 optimizer = []
@@ -74,6 +78,35 @@ if nan_calls:
         return (loss * float("nan"), stats) if calls[0] in nan_calls else (loss, stats)
 
     train.loop.kd.fused_distill_loss = loss_with_nan
+
+def _status_kb(key: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
+
+
+if os.environ.get("KD_TEST_MEMORY"):
+    memory = {}
+    original_build, original_train_step = train.loop.engines.build, train.loop.train_step
+
+    def build_and_measure(*args, **kwargs):
+        import gc
+        gc.collect()
+        memory["before_models"] = _status_kb("VmRSS") * 1024
+        with open("/proc/self/clear_refs", "w") as f:      # "5": reset the peak (VmHWM) to the current RSS
+            f.write("5")
+        out = original_build(*args, **kwargs)
+        memory["after_models"] = _status_kb("VmRSS") * 1024
+        return out
+
+    def step_and_measure(*args, **kwargs):
+        out = original_train_step(*args, **kwargs)
+        memory["peak"] = _status_kb("VmHWM") * 1024
+        memory.setdefault("steps", []).append((_status_kb("VmRSS") * 1024, memory["peak"]))
+        with open(f"{os.environ['KD_TEST_MEMORY']}.rank{os.environ['RANK']}", "w") as f:
+            json.dump(memory, f)
+        return out
+
+    train.loop.engines.build, train.loop.train_step = build_and_measure, step_and_measure
 
 code = main(sys.argv[1:])
 if os.environ.get("KD_TEST_COUNTS") and int(os.environ.get("RANK", 0)) == 0:

@@ -20,10 +20,10 @@ BIN = Path(sys.executable).parent
 COMMON = ["train.steps=3", "data.eval=null"]
 
 
-def _launch(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+def _launch(cmd: list[str], timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert proc.returncode == 0 or not check, f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
 
 
@@ -47,9 +47,17 @@ def _losses(kd_setup, name):
     return [r["loss"] for r in metrics(kd_setup / "runs" / name)]
 
 
+def _torchrun(*args: str) -> list[str]:
+    return [str(BIN / "torchrun"), "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "train", *args]
+
+
+def _mpirun(*args: str) -> list[str]:
+    return ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2", "-x", "DS_ACCELERATOR", "-x",
+            "OMP_NUM_THREADS", "-x", "PATH", sys.executable, "-m", "train", *args]
+
+
 def test_torchrun_equals_self_launch(kd_setup, self_launched):
-    _launch([str(BIN / "torchrun"), "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "train",
-             str(kd_setup / "recipe.yaml"), "run_name=torchrun", *COMMON])
+    _launch(_torchrun(str(kd_setup / "recipe.yaml"), "run_name=torchrun", *COMMON))
     assert _losses(kd_setup, "torchrun") == pytest.approx(self_launched, rel=1e-5)
 
 
@@ -65,10 +73,24 @@ def test_mpirun_equals_self_launch(kd_setup, self_launched):
     why = _mpi_missing()
     if why:
         pytest.skip(why)
-    # DeepSpeed finds rank, world and the master address through mpi4py; each rank leaves through
-    # MPI_Finalize, which mpirun requires of a clean exit
-    proc = _launch(["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2", "-x", "DS_ACCELERATOR",
-                    "-x", "OMP_NUM_THREADS", "-x", "PATH", sys.executable, "-m", "train",
-                    str(kd_setup / "recipe.yaml"), "run_name=mpirun", *COMMON])
+    # train/launch.py reads rank and world from OpenMPI's variables, rank 0 sends its address and a free
+    # port through mpi4py; each rank leaves through MPI_Finalize, which mpirun requires of a clean exit
+    proc = _launch(_mpirun(str(kd_setup / "recipe.yaml"), "run_name=mpirun", *COMMON))
     assert "exiting improperly" not in proc.stdout + proc.stderr
     assert _losses(kd_setup, "mpirun") == pytest.approx(self_launched, rel=1e-5)
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "mpirun"])
+def test_user_error_printed_once_before_ranks_join(kd_setup, launcher):
+    """Under an external launcher every rank runs the self-launch's input checks before joining the
+    others: a missing file stops all of them, rank 0 says so once, and nothing is written."""
+    if launcher == "mpirun" and _mpi_missing():
+        pytest.skip(_mpi_missing())
+    name = f"bad-{launcher}"
+    args = (str(kd_setup / "recipe.yaml"), f"run_name={name}", "data.train=no/such/train.jsonl", *COMMON)
+    proc = _launch(_torchrun(*args) if launcher == "torchrun" else _mpirun(*args), timeout=120, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert out.count("kd-train: error") == 1, out[-3000:]
+    assert "data.train=no/such/train.jsonl: no such file" in out
+    assert not (kd_setup / "runs" / name).exists()

@@ -1,5 +1,4 @@
 """Class KD's misfeedback term: formula, autograd, distill_loss wiring and the fused head."""
-import os
 import socket
 
 import pytest

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from train import cli, plan
+from train import cli, launch, plan
 from train.config import load_config
 
 L1 = dict(model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
@@ -67,7 +67,7 @@ def test_stage_and_offload_move_the_figures(tmp_path):
 
 
 def test_plan_cli_prints_and_does_not_launch(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(cli, "launch", lambda *a, **k: pytest.fail("--plan launched ranks"))
+    monkeypatch.setattr(launch, "start", lambda *a, **k: pytest.fail("--plan launched ranks"))
     (tmp_path / "s.json").write_text(json.dumps(L1))
     (tmp_path / "t.json").write_text(json.dumps(L8))
     rc = cli.main(["recipes/llama3_8b_to_1b_32k.yaml", f"model.student={tmp_path / 's.json'}",
@@ -77,7 +77,7 @@ def test_plan_cli_prints_and_does_not_launch(tmp_path, monkeypatch, capsys):
 
 
 def test_plan_cli_demo_presets(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(cli, "launch", lambda *a, **k: pytest.fail("--plan launched ranks"))
+    monkeypatch.setattr(launch, "start", lambda *a, **k: pytest.fail("--plan launched ranks"))
     # the demo recipe's student is a preset; a preset teacher keeps this independent of runs/
     assert cli.main(["recipes/demo.yaml", "model.teacher=demo-teacher", "--plan"]) == 0
     out = capsys.readouterr().out
@@ -94,3 +94,38 @@ def test_too_big_names_the_first_setting(tmp_path, capsys):
     cfg = _configs(tmp_path, "llama3_8b_to_1b_32k.yaml", "model.activation_checkpointing=true", "train.micro_batch=8",
                    "parallel.sequence=1")
     assert plan.first_change(cfg, 20)[0] == "train.micro_batch=4"
+
+
+@pytest.mark.parametrize("arch,attn", [
+    (dict(model_type="llama", hidden_size=256, intermediate_size=768, num_attention_heads=8, num_key_value_heads=4),
+     "sdpa"),
+    (dict(model_type="gemma2", hidden_size=128, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
+          head_dim=32, sliding_window=4096), "eager")])
+def test_activations_match_what_autograd_saves(tmp_path, arch, attn):
+    """The plan's activations per layer against the bytes of the tensors autograd keeps for the
+    backward of a real transformers model (weights excluded; two depths, so embeddings cancel)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    T, rows = 96, 2
+
+    def saved(layers: int) -> int:
+        cfg = AutoConfig.for_model(**arch, vocab_size=300, num_hidden_layers=layers)
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn).train()
+        weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        kept = {}
+
+        def pack(t):
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in weights:
+                kept[storage.data_ptr()] = storage.nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model.model(input_ids=torch.randint(0, 300, (rows, T)))
+        return sum(kept.values())
+
+    measured = (saved(3) - saved(1)) / 2
+    (tmp_path / "m.json").write_text(json.dumps({**arch, "vocab_size": 300, "num_hidden_layers": 1}))
+    shape = plan.shape_of(str(tmp_path / "m.json"), attn=attn)
+    assert shape.eager == (attn == "eager")
+    assert plan.activations(shape, rows * T, T, 1, 4, trained=False) == pytest.approx(measured, rel=0.05)
