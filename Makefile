@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: demo demo-spread test test-unit test-dist test-launchers test-slurm system-deps bench clean
+.PHONY: demo demo-spread test test-unit test-dist test-launchers test-slurm test-two-nodes system-deps bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -47,6 +47,10 @@ test-launchers: system-deps
 
 test-slurm: system-deps
 	$(BIN)/python -m pytest -q tests/dist/test_slurm.py -rs
+
+# a 2-node torchrun job on this machine: two network namespaces joined by a veth pair, one rank each
+test-two-nodes: system-deps
+	$(BIN)/python -m pytest -q tests/dist/test_two_nodes.py -rs
 
 bench: $(STAMP)
 	$(BIN)/python -m pip install -q -e '.[bench]'

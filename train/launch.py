@@ -12,7 +12,7 @@ so the rest of the code (``deepspeed.init_distributed``, the device choice) sees
     srun (SLURM)             SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, SLURM_STEP_NUM_NODES
 
 The master address and port are the user's MASTER_ADDR / MASTER_PORT when set. Otherwise: under MPI
-with mpi4py (the ``mpi`` extra), rank 0 sends its host name and a free port to every rank; under
+with mpi4py (the ``mpi`` extra), rank 0 sends its address and a free port to every rank; under
 srun, the step's first node (``scontrol show hostnames``) and a port derived from the job and step
 ids, the same on every rank; on one node, 127.0.0.1. A multi-node MPI job without mpi4py and
 without MASTER_ADDR is an error that says so.
@@ -131,14 +131,32 @@ def _srun_master() -> str:
                       "scripts/slurm/kd-train.sbatch does.")
 
 
+def _routable_address() -> str | None:
+    """An IPv4 address of this host's name that other hosts can reach: not a loopback one (Debian
+    maps a host's own name to 127.0.1.1)."""
+    with contextlib.suppress(OSError):
+        for *_, (addr, _port) in socket.getaddrinfo(socket.getfqdn(), None, socket.AF_INET):
+            if not addr.startswith("127."):
+                return addr
+    return None
+
+
 def _mpi_master(found: Rank) -> tuple[str, int]:
-    """Rank 0's host name and a free port of its, sent to every rank by mpi4py."""
+    """Rank 0's address and a free port of its, sent to every rank by mpi4py (an error too, so that
+    every rank raises it rather than wait for rank 0)."""
     from mpi4py import MPI
     mine = None
     if found.rank == 0:
-        host = os.environ.get("MASTER_ADDR") or ("127.0.0.1" if found.one_node else socket.gethostname())
-        mine = (host, int(os.environ.get("MASTER_PORT") or _free_port()))
-    return MPI.COMM_WORLD.bcast(mine, root=0)
+        addr = os.environ.get("MASTER_ADDR") or ("127.0.0.1" if found.one_node else _routable_address())
+        mine = (addr, int(os.environ.get("MASTER_PORT") or _free_port())) if addr else (
+            f"{found.launcher} started {found.world} ranks on several nodes, and rank 0's host name "
+            f"{socket.getfqdn()!r} resolves only to a loopback address, which the other nodes cannot reach. "
+            "Export MASTER_ADDR (rank 0's address on the network the nodes share) to every rank "
+            "(mpirun -x MASTER_ADDR).")
+    sent = MPI.COMM_WORLD.bcast(mine, root=0)
+    if isinstance(sent, str):
+        raise LaunchError(sent)
+    return sent
 
 
 def _master(found: Rank) -> tuple[str, int]:

@@ -80,3 +80,14 @@ def kd_train(recipe: Path, *overrides: str, env: dict | None = None, check: bool
 def metrics(run_dir: Path) -> list[dict]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return [r for r in rows if r.get("kind") != "eval"]
+
+
+LAUNCH_COMMON = ("train.steps=3", "data.eval=null")     # what every launcher test runs
+
+
+@pytest.fixture(scope="session")
+def self_launched(kd_setup) -> list[float]:
+    """The per-step losses of ``kd-train RECIPE`` launching its own 2 ranks: what every other
+    launcher (torchrun, mpirun, deepspeed, srun, two nodes) must give."""
+    kd_train(kd_setup / "recipe.yaml", "run_name=self-launch", *LAUNCH_COMMON)
+    return [r["loss"] for r in metrics(kd_setup / "runs" / "self-launch")]

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import REPO, kd_train, metrics
+from .conftest import LAUNCH_COMMON, REPO, metrics
 from .launch import free_port
 
 pytestmark = pytest.mark.dist
 
 BIN = Path(sys.executable).parent
-COMMON = ["train.steps=3", "data.eval=null"]
+COMMON = list(LAUNCH_COMMON)
 
 
 def _launch(cmd: list[str], timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
@@ -35,12 +35,6 @@ def _mpi_missing() -> str | None:
     except ImportError:
         return "mpi4py not installed (pip install -e '.[mpi]'; or `make test-launchers`)"
     return None
-
-
-@pytest.fixture(scope="module")
-def self_launched(kd_setup):
-    kd_train(kd_setup / "recipe.yaml", "run_name=self-launch", *COMMON)
-    return [r["loss"] for r in metrics(kd_setup / "runs" / "self-launch")]
 
 
 def _losses(kd_setup, name):
@@ -94,3 +88,27 @@ def test_user_error_printed_once_before_ranks_join(kd_setup, launcher):
     assert out.count("kd-train: error") == 1, out[-3000:]
     assert "data.train=no/such/train.jsonl: no such file" in out
     assert not (kd_setup / "runs" / name).exists()
+
+
+def test_mpi_rank0_address_problem_stops_every_rank(tmp_path):
+    """Several nodes, no MASTER_ADDR, and rank 0's host name resolving to loopback only (as on this
+    machine): rank 0 cannot give an address the others reach; every rank raises the same error
+    instead of waiting for it. (The two "nodes" are 2 ranks whose one_node is forced False.)"""
+    why = _mpi_missing()
+    if why:
+        pytest.skip(why)
+    from train import launch
+    if launch._routable_address() is not None:
+        pytest.skip("this host's name resolves to a routable address: rank 0 would send it")
+    script = tmp_path / "probe.py"
+    script.write_text("import sys\nfrom train import launch\nlaunch.Rank.one_node = property(lambda self: False)\n"
+                      "try:\n    launch.discover()\nexcept launch.LaunchError as e:\n"
+                      "    print('LaunchError', launch.rank(), str(e)[:160], flush=True)\n"
+                      "    launch.exit_process(0)\nlaunch.exit_process(3)\n")
+    proc = subprocess.run(["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2", "-x", "PATH", "-x",
+                           "PYTHONPATH", sys.executable, str(script)], cwd=REPO, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    # each rank reports the error and leaves 0 (a rank leaving non-zero makes mpirun kill the others)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert sorted(line.split()[1] for line in proc.stdout.splitlines() if line.startswith("LaunchError")) == ["0", "1"]
+    assert "resolves only to a loopback address" in proc.stdout

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 
 from . import slurm_cluster
-from .conftest import REPO, kd_train, metrics
+from .conftest import LAUNCH_COMMON, REPO, metrics
 
 pytestmark = pytest.mark.dist
 
 SBATCH = REPO / "scripts" / "slurm" / "kd-train.sbatch"
-COMMON = ["train.steps=3", "data.eval=null"]
+COMMON = list(LAUNCH_COMMON)
 # the script's H100 defaults, turned into 2 single-core CPU ranks on this node
 CPU_NODE = ["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--gpus-per-node=0"]
 
@@ -55,13 +55,6 @@ def node(cluster):
     except slurm_cluster.ClusterError as e:
         pytest.fail(f"slurmd did not start: {e}", pytrace=False)
     return cluster
-
-
-@pytest.fixture(scope="module")
-def self_launched(kd_setup):
-    # not test_launchers' "self-launch": the session's kd_setup would hold it already
-    kd_train(kd_setup / "recipe.yaml", "run_name=slurm-self-launch", *COMMON)
-    return [r["loss"] for r in metrics(kd_setup / "runs" / "slurm-self-launch")]
 
 
 def _job_env(cluster) -> dict:
