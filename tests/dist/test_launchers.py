@@ -1,6 +1,7 @@
 """kd-train under the launchers users have, against its own self-launch (the deepspeed launcher it
 starts itself): torchrun, mpirun (OpenMPI + mpi4py, the `mpi` extra) and the user's own `deepspeed`
-command, each on 2 CPU ranks, give the same per-step losses. mpirun needs system packages:
+command (with --num_gpus, and with a one-node hostfile), each on 2 CPU ranks, give the same per-step
+losses; a user error under torchrun or mpirun is printed once. mpirun needs system packages:
 `make test-launchers` installs them (openmpi-bin, libopenmpi-dev, the mpi extra) and runs this file;
 without them that case is skipped with the reason."""
 import os
@@ -56,11 +57,22 @@ def test_torchrun_equals_self_launch(kd_setup, self_launched):
 
 
 def test_deepspeed_launcher_equals_self_launch(kd_setup, self_launched):
-    """The user's own `deepspeed` command: kd-train finds itself launched and runs as one rank. (With a
-    --hostfile the launcher reaches every host, localhost included, over ssh: not on this machine.)"""
+    """The user's own `deepspeed` command: kd-train finds itself launched and runs as one rank."""
     _launch([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "--module", "train",
              str(kd_setup / "recipe.yaml"), "run_name=deepspeed", *COMMON])
     assert _losses(kd_setup, "deepspeed") == pytest.approx(self_launched, rel=1e-5)
+
+
+def test_deepspeed_hostfile_equals_self_launch(kd_setup, self_launched, tmp_path):
+    """A one-node hostfile. The launcher checks each host over ssh and asks the first one for its
+    address (ssh HOST hostname -I) unless told: --no_ssh_check and --master_addr, as on a node
+    without sshd; with one host it then starts the ranks itself, as --num_gpus does."""
+    hosts = tmp_path / "hostfile"
+    hosts.write_text("localhost slots=2\n")
+    _launch([str(BIN / "deepspeed"), "--hostfile", str(hosts), "--no_ssh_check", "--master_addr", "127.0.0.1",
+             "--master_port", str(free_port()), "--module", "train", str(kd_setup / "recipe.yaml"),
+             "run_name=hostfile", *COMMON])
+    assert _losses(kd_setup, "hostfile") == pytest.approx(self_launched, rel=1e-5)
 
 
 def test_mpirun_equals_self_launch(kd_setup, self_launched):
