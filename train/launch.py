@@ -63,29 +63,53 @@ def _int(name: str) -> int | None:
 
 
 def _srun_step() -> bool:
-    """A task of an srun step, not the batch script (which also carries SLURM_PROCID=0 and the
-    job's SLURM_NTASKS, but is one process that must launch its ranks itself)."""
+    """A task of an srun step of several tasks. Not the batch script (which also carries
+    SLURM_PROCID=0 and the job's SLURM_NTASKS), nor a one-task step such as ``srun --pty bash``:
+    each is one process that launches its node's ranks itself."""
     step = os.environ.get("SLURM_STEP_ID", os.environ.get("SLURM_STEPID"))
+    tasks = _int("SLURM_STEP_NUM_TASKS") or _int("SLURM_NTASKS") or 1
     # the batch and extern steps have reserved ids near 2^32
-    return "SLURM_PROCID" in os.environ and step is not None and step.isdigit() and int(step) < 0xFFFFFF00
+    return ("SLURM_PROCID" in os.environ and step is not None and step.isdigit() and int(step) < 0xFFFFFF00
+            and tasks > 1)
+
+
+# where process managers put the node-local rank beside PMI_RANK: MPICH/Intel MPI's Hydra, Cray PALS,
+# Flux, and SLURM's pmi2 plugin (which sets only PMI_RANK/PMI_SIZE; SLURM_LOCALID has it)
+PMI_LOCAL_RANK = ("MPI_LOCALRANKID", "PMI_LOCAL_RANK", "PALS_LOCAL_RANKID", "FLUX_TASK_LOCAL_ID", "SLURM_LOCALID")
+
+
+def _pmi_local_rank() -> int:
+    for name in PMI_LOCAL_RANK:
+        if _int(name) is not None:
+            return _int(name)
+    raise LaunchError(f"the process manager set PMI_RANK={os.environ['PMI_RANK']} but none of "
+                      f"{', '.join(PMI_LOCAL_RANK)}, so this rank's GPU on its node is unknown. Export LOCAL_RANK "
+                      "(the rank's index on its node) to each rank, or launch with mpiexec (Hydra), srun or torchrun.")
 
 
 def _from_env() -> Rank | None:
-    """This process's rank from its launcher's variables; None when no launcher started it."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        launcher = "torchrun" if "TORCHELASTIC_RUN_ID" in os.environ else "deepspeed"
-        return Rank(_int("RANK"), _int("WORLD_SIZE"), _int("LOCAL_RANK") or 0, _int("LOCAL_WORLD_SIZE"), None,
-                    launcher)
+    """This process's rank from its launcher's variables; None when no launcher started it. torchrun
+    first (it may run under srun or mpirun, one agent per node), then MPI (before RANK: a RANK left
+    in the user's shell reaches every rank mpirun starts), the deepspeed launcher, srun."""
+    if "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and not _mpi_vars()):
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+            launcher = "torchrun" if "TORCHELASTIC_RUN_ID" in os.environ else "deepspeed"
+            return Rank(_int("RANK"), _int("WORLD_SIZE"), _int("LOCAL_RANK") or 0, _int("LOCAL_WORLD_SIZE"), None,
+                        launcher)
     if "OMPI_COMM_WORLD_RANK" in os.environ:
         return Rank(_int("OMPI_COMM_WORLD_RANK"), _int("OMPI_COMM_WORLD_SIZE"), _int("OMPI_COMM_WORLD_LOCAL_RANK"),
                     _int("OMPI_COMM_WORLD_LOCAL_SIZE"), None, "mpirun")
     if "PMI_RANK" in os.environ:
-        return Rank(_int("PMI_RANK"), _int("PMI_SIZE"), _int("MPI_LOCALRANKID") or 0, _int("MPI_LOCALNRANKS"), None,
-                    "mpiexec")
+        return Rank(_int("PMI_RANK"), _int("PMI_SIZE"), _pmi_local_rank(), _int("MPI_LOCALNRANKS"),
+                    _int("SLURM_STEP_NUM_NODES") if _srun_step() else None, "mpiexec")
     if _srun_step():
         return Rank(_int("SLURM_PROCID"), _int("SLURM_STEP_NUM_TASKS") or _int("SLURM_NTASKS"), _int("SLURM_LOCALID"),
                     None, _int("SLURM_STEP_NUM_NODES") or _int("SLURM_NNODES"), "srun")
     return None
+
+
+def _mpi_vars() -> bool:
+    return "OMPI_COMM_WORLD_RANK" in os.environ or "PMI_RANK" in os.environ
 
 
 def launched() -> bool:
@@ -112,7 +136,6 @@ def _job_port() -> int:
                 if k in os.environ), None)
     if job is None:
         return DEFAULT_PORT
-    job += "." + os.environ.get("SLURM_STEP_ID", "")
     return 20000 + zlib.crc32(job.encode()) % 12000
 
 
@@ -142,15 +165,20 @@ def _routable_address() -> str | None:
 
 
 def _mpi_master(found: Rank) -> tuple[str, int]:
-    """Rank 0's address and a free port of its, sent to every rank by mpi4py (an error too, so that
-    every rank raises it rather than wait for rank 0)."""
+    """Rank 0's address and port, sent to every rank by mpi4py; every rank takes part, whatever its
+    own environment says (ranks on other nodes may lack the MASTER_* that rank 0 has). An error goes
+    out the same way, so that every rank raises it rather than wait for rank 0."""
+    import mpi4py
+    mpi4py.rc.finalize = False              # exit_process finalizes; a crashed rank must not wait in it
     from mpi4py import MPI
     mine = None
     if found.rank == 0:
         addr = os.environ.get("MASTER_ADDR") or ("127.0.0.1" if found.one_node else _routable_address())
+        if _loopback(addr) and not found.one_node:
+            addr = None
         mine = (addr, int(os.environ.get("MASTER_PORT") or _free_port())) if addr else (
             f"{found.launcher} started {found.world} ranks on several nodes, and rank 0's host name "
-            f"{socket.getfqdn()!r} resolves only to a loopback address, which the other nodes cannot reach. "
+            f"{socket.getfqdn()!r} (or its MASTER_ADDR) is only a loopback address, which the other nodes cannot reach. "
             "Export MASTER_ADDR (rank 0's address on the network the nodes share) to every rank "
             "(mpirun -x MASTER_ADDR).")
     sent = MPI.COMM_WORLD.bcast(mine, root=0)
@@ -159,11 +187,19 @@ def _mpi_master(found: Rank) -> tuple[str, int]:
     return sent
 
 
+def _loopback(addr: str | None) -> bool:
+    return addr is not None and (addr == "localhost" or addr.startswith("127.") or addr == "::1")
+
+
 def _master(found: Rank) -> tuple[str, int]:
     addr, port = os.environ.get("MASTER_ADDR"), _int("MASTER_PORT")
     if found.launcher in ("deepspeed", "torchrun"):
         return addr or "127.0.0.1", port or DEFAULT_PORT
-    if found.launcher in ("mpirun", "mpiexec") and not (addr and port):
+    if _loopback(addr) and not found.one_node:
+        raise LaunchError(f"MASTER_ADDR={addr} is a loopback address, but {found.launcher} started ranks on several "
+                          "nodes, which cannot reach it. Unset MASTER_ADDR (a value left in the shell?) or set it to "
+                          "rank 0's address on the network the nodes share.")
+    if found.launcher in ("mpirun", "mpiexec"):
         with contextlib.suppress(ImportError):
             import mpi4py  # noqa: F401
             return _mpi_master(found)
@@ -172,7 +208,6 @@ def _master(found: Rank) -> tuple[str, int]:
                               "they cannot learn the first rank's address. Install the mpi extra (pip install "
                               "'kd-stack[mpi]'), or export MASTER_ADDR (rank 0's host) and MASTER_PORT to every rank "
                               "(mpirun -x MASTER_ADDR -x MASTER_PORT).")
-    if found.launcher in ("mpirun", "mpiexec"):
         return addr or "127.0.0.1", port or _job_port()
     if addr is None:
         addr = "127.0.0.1" if found.one_node else _srun_master()
@@ -198,6 +233,38 @@ def discover() -> Rank:
             os.environ["LOCAL_WORLD_SIZE"] = str(found.local_world)
         _DISCOVERED = found
     return _DISCOVERED
+
+
+def device_index(me: Rank) -> int:
+    """This rank's GPU among those it sees: its local rank, or the only one when the launcher binds
+    one GPU per task (srun --gpus-per-task=1, CUDA_VISIBLE_DEVICES set per rank)."""
+    import torch
+    count = torch.cuda.device_count()
+    if count == 1:
+        return 0
+    if me.local_rank >= count:
+        raise LaunchError(f"rank {me.rank} is local rank {me.local_rank} on its node but sees {count} GPUs "
+                          f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}). Each rank must "
+                          "see all of its node's GPUs, or exactly one: launch one rank per GPU.")
+    return me.local_rank
+
+
+def agree(failure: BaseException | None, device) -> None:
+    """After every rank's input checks, once the ranks have joined: raise on every rank if any failed,
+    so that none goes on to wait in a collective for a rank that left. A rank that failed raises its
+    own error (printed by itself when only some failed: a file missing on one node); the others raise
+    one that rank 0 prints."""
+    import torch.distributed as dist
+    from kd.reduce import all_reduce_values
+    failed, = all_reduce_values([float(failure is not None)], dist.group.WORLD, "sum", device)
+    if not failed:
+        return
+    world = dist.get_world_size()
+    if failure is not None:
+        failure.rank_local = failed < world
+        raise failure
+    raise LaunchError(f"{int(failed)} of {world} ranks failed their input checks (their errors are above); "
+                      "the inputs differ between nodes: check that every node sees the same files.")
 
 
 def default_nproc() -> int:
@@ -261,8 +328,13 @@ def is_user_error(err: BaseException) -> bool:
     return type(err).__name__ in USER_ERRORS
 
 
+_ALONE = False      # this rank reported an error the others did not see (exit_process)
+
+
 def report(err: BaseException) -> int:
     """Print a user error once: by rank 0, or by the one rank that alone saw it (``rank_local``); 2."""
+    global _ALONE
+    _ALONE = bool(getattr(err, "rank_local", False))
     me = rank()
     if getattr(err, "rank_local", False) and launched():
         print(f"\nkd-train: error (rank {me}): {err}\n", file=sys.stderr, flush=True)
@@ -274,12 +346,15 @@ def report(err: BaseException) -> int:
 def exit_process(code: int):
     """Leave with ``code``. A rank skips the interpreter's teardown: by then its files are written and
     its process group destroyed, and communicator threads torn down at exit have aborted finished
-    runs ("terminate called without an active exception": 2 runs in 45 on a busy 2-core machine)."""
+    runs ("terminate called without an active exception": 2 runs in 45 on a busy 2-core machine).
+    Under mpirun every rank leaving together passes MPI_Finalize (a rank that skips it "exits
+    improperly"); a rank leaving alone (it reported an error only it saw) skips it, since MPI_Finalize
+    would wait for ranks still busy, and mpirun ends the job when it sees that rank's exit code."""
     if launched():
         sys.stdout.flush()
         sys.stderr.flush()
-        mpi = sys.modules.get("mpi4py.MPI")     # under mpirun: a rank that skips MPI_Finalize "exits improperly"
-        if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi = sys.modules.get("mpi4py.MPI")
+        if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized() and not (_ALONE and code):
             mpi.Finalize()
         os._exit(code)
     sys.exit(code)

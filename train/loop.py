@@ -140,13 +140,19 @@ def train_step(models: engines.Engines, loader, rollout: Rollout, sp: parallel.S
 def run(cfg: Config) -> dict:
     """Train according to ``cfg``; returns the final evaluation (rank 0; {} elsewhere)."""
     me = launch.discover()
-    # every rank, before joining the others and before anything is written: a bad input stops them all
-    plan = preflight.check(cfg, me.world)
     if torch.cuda.is_available():               # the device of this node's rank, not of the global rank
-        torch.cuda.set_device(me.local_rank)
+        torch.cuda.set_device(launch.device_index(me))
+    plan, failure = None, None
+    try:                                        # every rank, before anything is written
+        plan = preflight.check(cfg, me.world)
+    except Exception as e:
+        if not launch.is_user_error(e):
+            raise
+        failure = e
     parallel.init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
-    dist.barrier()
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+    launch.agree(failure, device)               # one rank's bad input stops them all
     sp = parallel.SequenceParallel(cfg.parallel.sequence)
     torch.manual_seed(cfg.train.seed)
     run_dir, ckpt_dir = cfg.run_dir, cfg.run_dir / "checkpoints"

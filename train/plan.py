@@ -16,17 +16,23 @@ DeepSpeed's own buffers, read from the engine's DeepSpeed config (``engines.ds_c
 DeepSpeed's defaults for what it leaves out):
   the gradient bucket: reduce_bucket_size elements of the weights' type with contiguous_gradients
   (two with overlap_comm at ZeRO 1/2);
-  ZeRO 3 keeps a gathered weight between its use in the forward and in the backward when the reuse
-  lies within stage3_max_reuse_distance parameters: about the last R/2 parameters of the model (the
-  whole of a model under R/2), p B each.
+  ZeRO 3 keeps a gathered weight from its use in the forward to the backward when the reuse lies
+  within stage3_max_reuse_distance parameters: about the last R/2 parameters of the model (all of a
+  model under R/2); and, once it has traced a step, gathers the weights of the next modules ahead
+  of their use, up to stage3_prefetch_bucket_size parameters (and stage3_max_live_parameters);
+  p B each. (Measured on CPU: the forward ends holding the whole 57M student, and its peak is higher
+  by about the prefetch bucket; tests/dist/test_plan_memory.py.)
 Activations, per rank, at T = micro_batch x max_len / sequence tokens, s = max_len (attention sees
 the whole row under Ulysses, with heads / sequence heads), counted per token and layer in elements
 as Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models",
 section 4.1) count them, for these models' blocks (n RMS norms of input, normalised and scaled
 output; q, k, v of widths h, h_kv, h_kv and the attention output; a gated MLP of width I keeping
-gate, up, activation and product; no dropout): 3 h n + 2 h + 2 h_kv + 4 I, plus 2 a s of scores for
-eager attention (sdpa and flash-attn keep none). Checked against the tensors autograd saves for a
-Llama and a Gemma-2 layer (tests/unit/test_plan.py).
+gate, up, activation and product; no dropout): 3 h n + 2 h + 2 h_kv + 4 I elements, plus n h fp32
+bytes below fp32 (the norms compute in fp32) and, for eager attention only, 8 a s bytes of fp32 score
+matrices (sdpa and flash-attn keep none). ``attn_implementation: auto`` is planned as the GPU run
+resolves it (flash-attn, which the GPU image installs); plan ``eager`` explicitly for a GPU without
+it. Checked against the tensors autograd saves for a Llama and a Gemma-2 layer in fp32 and bf16
+(tests/unit/test_plan.py).
   With activation checkpointing: h per layer kept (the layer inputs) + one layer recomputed.
   The frozen teacher (no grad): one layer's worth per token.
 Loss head: both lm heads gathered (V x H in the compute dtype), the student head's gradient (fp32
@@ -62,7 +68,7 @@ class Shape:
 
 def shape_of(spec: str, vocab: int | None = None, attn: str = "auto") -> Shape:
     from transformers import AutoModelForCausalLM
-    from .models import model_config, resolve_attention
+    from .models import model_config
     cfg = model_config(spec, vocab)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg)
@@ -71,9 +77,15 @@ def shape_of(spec: str, vocab: int | None = None, attn: str = "auto") -> Shape:
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     kv = (getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads) * head_dim
     layer = next(m for m in model.modules() if type(m).__name__.endswith("DecoderLayer"))
-    norms = sum(type(m).__name__.endswith("RMSNorm") for m in layer.modules())
+    # the norms of the residual stream (width h), not per-head q/k norms
+    norms = sum(type(m).__name__.endswith("RMSNorm") and m.weight.numel() == cfg.hidden_size for m in layer.modules())
     return Shape(params, largest, cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.vocab_size,
-                 kv, cfg.intermediate_size, norms, resolve_attention(attn, cfg) == "eager")
+                 kv, cfg.intermediate_size, norms, planned_attention(attn) == "eager")
+
+
+def planned_attention(name: str) -> str:
+    """The attention the GPU run uses: ``auto`` is flash-attn there (the GPU image installs it)."""
+    return "flash_attention_2" if name == "auto" else name
 
 
 def zero_settings(cfg, role: str, ranks: int):
@@ -84,12 +96,16 @@ def zero_settings(cfg, role: str, ranks: int):
 
 
 def deepspeed_buffers(s: Shape, zero, pbytes: int) -> tuple[float, float]:
-    """(gradient bucket, gathered weights kept from forward to backward) of a trained engine, in bytes."""
+    """(gradient bucket, weights kept gathered for the backward, weights gathered ahead of their use)
+    of a trained engine, in bytes."""
     bucket = 0.0
     if zero.stage >= 1 and zero.contiguous_gradients:
         bucket = zero.reduce_bucket_size * pbytes * (2 if zero.stage < 3 and zero.overlap_comm else 1)
-    kept = pbytes * min(s.params, zero.max_reuse_distance / 2) if zero.stage == 3 else 0.0
-    return bucket, kept
+    if zero.stage < 3:
+        return bucket, 0.0, 0.0
+    kept = pbytes * min(s.params, zero.max_reuse_distance / 2)
+    ahead = pbytes * min(s.params, zero.prefetch_bucket_size, zero.max_live_parameters)
+    return bucket, kept, ahead
 
 
 def _is_hf(spec: str | None) -> bool:
@@ -114,8 +130,10 @@ def model_states(params: int, largest: int, stage: int, ranks: int, pbytes: int,
 def activations(s: Shape, tokens: int, seq: int, sp: int, pbytes: int, trained: bool = True,
                 checkpointing: bool = False) -> float:
     """Bytes of activations one rank keeps for ``tokens`` tokens of rows ``seq`` long."""
-    scores = 2 * (s.heads // sp) * seq if s.eager else 0
-    per_layer = (3 * s.hidden * s.norms + 2 * s.hidden + 2 * s.kv_width + 4 * s.intermediate + scores) * pbytes
+    elements = 3 * s.hidden * s.norms + 2 * s.hidden + 2 * s.kv_width + 4 * s.intermediate
+    upcast = s.norms * s.hidden * (4 - pbytes)              # each RMS norm also keeps its input in fp32
+    scores = 8 * (s.heads // sp) * seq if s.eager else 0    # two fp32 score matrices (eager's softmax is fp32)
+    per_layer = elements * pbytes + upcast + scores
     if not trained:
         return tokens * per_layer
     if checkpointing:
@@ -135,7 +153,7 @@ class Plan:
 def compute(cfg, nproc: int | None = None) -> Plan:
     from .config import resolve_dtype, torch_dtype
     m, t, p = cfg.model, cfg.train, cfg.parallel
-    ranks = nproc or p.nproc or (torch.cuda.device_count() if torch.cuda.is_available() else 8)
+    ranks = plan_ranks(cfg, nproc)
     dtype = resolve_dtype(m.dtype)
     pbytes = torch_dtype(dtype).itemsize
     # the student as engines.build makes it: from student_init where set
@@ -155,17 +173,19 @@ def compute(cfg, nproc: int | None = None) -> Plan:
                       f"{', optimizer on CPU' if p.offload_optimizer else ''})", gpu / GB))
     plan.cpu += cpu
     zero = zero_settings(cfg, "student", ranks)
-    bucket, kept = deepspeed_buffers(stu, zero, pbytes)
+    bucket, kept, ahead = deepspeed_buffers(stu, zero, pbytes)
     if kept:
         plan.rows.append((f"student weights kept gathered for the backward (stage3_max_reuse_distance "
                           f"{zero.max_reuse_distance:.2g})", kept / GB))
+        plan.rows.append((f"student weights gathered ahead (stage3_prefetch_bucket_size "
+                          f"{zero.prefetch_bucket_size:.2g})", ahead / GB))
     if "classmate" in shapes:
         c = shapes["classmate"]
         gpu, cpu = model_states(c.params, c.largest_layer, p.zero_stage, ranks, pbytes, p.offload_optimizer)
-        c_bucket, c_kept = deepspeed_buffers(c, zero, pbytes)
+        c_bucket, c_kept, c_ahead = deepspeed_buffers(c, zero, pbytes)
         plan.rows.append((f"classmate states ({_count(c.params)})", gpu / GB))
         if c_kept:
-            plan.rows.append(("classmate weights kept gathered for the backward", c_kept / GB))
+            plan.rows.append(("classmate weights gathered (kept and ahead)", (c_kept + c_ahead) / GB))
         plan.cpu += cpu
         bucket += c_bucket
     if bucket:
@@ -208,12 +228,17 @@ def compute(cfg, nproc: int | None = None) -> Plan:
     return plan
 
 
+def plan_ranks(cfg, nproc: int | None = None) -> int:
+    """The ranks planned for: given, the recipe's parallel.nproc, this machine's GPUs, else 8."""
+    return nproc or cfg.parallel.nproc or (torch.cuda.device_count() if torch.cuda.is_available() else 8)
+
+
 def first_change(cfg, gpu_gb: float, nproc: int | None = None) -> tuple[str, float] | None:
     """The first setting (activation_checkpointing, micro_batch, parallel.sequence, offload_teacher,
     offload_optimizer) to change when the plan does not fit: ("key=value", new total GB)."""
     import dataclasses
     m, t, p = cfg.model, cfg.train, cfg.parallel
-    ranks = nproc or p.nproc or 8
+    ranks = plan_ranks(cfg, nproc)
     cands = []
     if not m.activation_checkpointing:
         cands.append(("model.activation_checkpointing", True))
@@ -247,7 +272,8 @@ def render(cfg, gpu_gb: float = 80.0, mfu: float = 0.4, peak_tflops: float = 989
     plan = compute(cfg, nproc)
     i = plan.info
     lines = [f"kd-train plan: {i['ranks']} ranks, sequence parallel {cfg.parallel.sequence}, {i['dtype']}, "
-             f"{i['tokens']} tokens per rank per micro-batch (estimates, nothing loaded)", "",
+             f"{i['tokens']} tokens per rank per micro-batch, {planned_attention(cfg.model.attn_implementation)} "
+             "(estimates, nothing loaded)", "",
              "| per GPU | GB |", "|---|---|"]
     lines += [f"| {k} | {_gb(v)} |" for k, v in plan.rows]
     fits = plan.total <= gpu_gb

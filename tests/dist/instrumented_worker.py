@@ -8,6 +8,8 @@ environment variable:
 - ``KD_TEST_NAN=CALL[,CALL...]``: the fused loss of those calls (counted from 1 over the run, one
   call per micro-batch; run without data.eval, whose batches call it too) is made NaN on every
   rank, as a non-finite micro-batch would be.
+- ``KD_TEST_MISSING_ON=RANK``: that rank's input checks find data.train missing, as when the file
+  is on one node's local disk only.
 - ``KD_TEST_MEMORY=PATH``: JSON from every rank (PATH.rank<N>): its resident memory when the engines
   start to be built, and its peak resident memory from then to the end of the last step (Linux's
   VmHWM, reset at that point through /proc/self/clear_refs).
@@ -107,6 +109,16 @@ if os.environ.get("KD_TEST_MEMORY"):
         return out
 
     train.loop.engines.build, train.loop.train_step = build_and_measure, step_and_measure
+
+if os.environ.get("KD_TEST_MISSING_ON"):
+    original_check = train.loop.preflight.check
+
+    def check_missing_here(cfg, nproc):
+        if os.environ["RANK"] == os.environ["KD_TEST_MISSING_ON"]:
+            raise FileNotFoundError(f"data.train={cfg.data.train}: no such file or directory (on this node)")
+        return original_check(cfg, nproc)
+
+    train.loop.preflight.check = check_missing_here
 
 code = main(sys.argv[1:])
 if os.environ.get("KD_TEST_COUNTS") and int(os.environ.get("RANK", 0)) == 0:

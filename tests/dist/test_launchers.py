@@ -113,14 +113,27 @@ def test_mpi_rank0_address_problem_stops_every_rank(tmp_path):
     if launch._routable_address() is not None:
         pytest.skip("this host's name resolves to a routable address: rank 0 would send it")
     script = tmp_path / "probe.py"
-    script.write_text("import sys\nfrom train import launch\nlaunch.Rank.one_node = property(lambda self: False)\n"
+    script.write_text("import pathlib, sys\nfrom train import launch\nlaunch.Rank.one_node = property(lambda self: False)\n"
                       "try:\n    launch.discover()\nexcept launch.LaunchError as e:\n"
-                      "    print('LaunchError', launch.rank(), str(e)[:160], flush=True)\n"
+                      "    pathlib.Path(sys.argv[1], f'rank{launch.rank()}').write_text(str(e))\n"
                       "    launch.exit_process(0)\nlaunch.exit_process(3)\n")
     proc = subprocess.run(["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2", "-x", "PATH", "-x",
-                           "PYTHONPATH", sys.executable, str(script)], cwd=REPO, capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
-    # each rank reports the error and leaves 0 (a rank leaving non-zero makes mpirun kill the others)
+                           "PYTHONPATH", sys.executable, str(script), str(tmp_path)], cwd=REPO, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    # each rank records the error and leaves 0 (a rank leaving non-zero makes mpirun kill the others)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert sorted(line.split()[1] for line in proc.stdout.splitlines() if line.startswith("LaunchError")) == ["0", "1"]
-    assert "resolves only to a loopback address" in proc.stdout
+    for rank in (0, 1):
+        assert "is only a loopback address" in (tmp_path / f"rank{rank}").read_text()
+
+
+def test_input_missing_on_one_rank_stops_every_rank(kd_setup, tmp_path):
+    """A file one rank cannot see (another node's local disk): that rank says so with its rank, rank 0
+    says how many failed, and every rank leaves instead of waiting in a collective."""
+    from .launch import run_deepspeed
+    proc = run_deepspeed("tests/dist/instrumented_worker.py", kd_setup / "recipe.yaml", f"output_dir={tmp_path}",
+                         "run_name=one-rank", *COMMON, env={"KD_TEST_MISSING_ON": "1"}, check=False, timeout=180)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert out.count("kd-train: error (rank 1): data.train=") == 1, out[-3000:]
+    assert out.count("kd-train: error: 1 of 2 ranks failed their input checks") == 1, out[-3000:]
+    assert not (tmp_path / "one-rank").exists()

@@ -74,7 +74,8 @@ def test_mpi_several_nodes_without_mpi4py_or_address(env, monkeypatch):
         launch.discover()
 
 
-def test_mpich_hydra(env):
+def test_mpich_hydra(env, monkeypatch):
+    monkeypatch.setitem(sys.modules, "mpi4py", None)
     env(PMI_RANK=2, PMI_SIZE=4, MPI_LOCALRANKID=0, MPI_LOCALNRANKS=2, MASTER_ADDR="n1", MASTER_PORT=9000)
     r = launch.discover()
     assert (r.rank, r.world, r.local_rank, r.launcher) == (2, 4, 0, "mpiexec")
@@ -134,3 +135,43 @@ def test_job_port_differs_by_job(env):
     a = launch._job_port()
     env(SLURM_JOB_ID=2)
     assert launch._job_port() != a
+
+
+def test_srun_pmi2_local_rank(env, monkeypatch):
+    """srun --mpi=pmi2 sets PMI_RANK / PMI_SIZE only: the local rank (the GPU) comes from SLURM_LOCALID."""
+    monkeypatch.setitem(sys.modules, "mpi4py", None)
+    env(PMI_RANK=5, PMI_SIZE=16, SLURM_PROCID=5, SLURM_NTASKS=16, SLURM_LOCALID=1, SLURM_STEP_ID=0,
+        SLURM_STEP_NUM_NODES=2, SLURM_JOB_ID=9, MASTER_ADDR="gpu07", MASTER_PORT=4000)
+    r = launch.discover()
+    assert (r.rank, r.world, r.local_rank) == (5, 16, 1)
+
+
+def test_pmi_without_a_local_rank_is_an_error(env):
+    env(PMI_RANK=1, PMI_SIZE=2)
+    with pytest.raises(launch.LaunchError, match="LOCAL_RANK"):
+        launch._from_env()
+
+
+def test_one_task_srun_step_launches_its_ranks(env):
+    """srun --pty bash (or a notebook started by srun): one task, which launches the node's ranks."""
+    env(SLURM_PROCID=0, SLURM_NTASKS=1, SLURM_STEP_NUM_TASKS=1, SLURM_LOCALID=0, SLURM_STEP_ID=0, SLURM_JOB_ID=3)
+    assert not launch.launched()
+
+
+def test_stale_rank_in_the_shell_loses_to_mpirun(env, monkeypatch):
+    env(RANK=0, WORLD_SIZE=1, OMPI_COMM_WORLD_RANK=1, OMPI_COMM_WORLD_SIZE=2, OMPI_COMM_WORLD_LOCAL_RANK=1,
+        OMPI_COMM_WORLD_LOCAL_SIZE=2)
+    assert launch._from_env().rank == 1 and launch._from_env().launcher == "mpirun"
+
+
+def test_torchrun_under_srun_is_torchrun(env):
+    env(SLURM_PROCID=0, SLURM_NTASKS=2, SLURM_LOCALID=0, SLURM_STEP_ID=0, SLURM_JOB_ID=3,
+        TORCHELASTIC_RUN_ID="r", RANK=5, WORLD_SIZE=16, LOCAL_RANK=5)
+    assert launch._from_env() == launch.Rank(5, 16, 5, None, None, "torchrun")
+
+
+def test_loopback_master_on_several_nodes_is_an_error(env):
+    env(SLURM_PROCID=3, SLURM_NTASKS=16, SLURM_LOCALID=3, SLURM_STEP_ID=0, SLURM_STEP_NUM_NODES=2, SLURM_JOB_ID=3,
+        MASTER_ADDR="localhost")
+    with pytest.raises(launch.LaunchError, match="MASTER_ADDR=localhost is a loopback address"):
+        launch.discover()
