@@ -19,7 +19,10 @@ examples:
   kd-train                                          the CPU demo (data, tokenizer, teacher made here)
   kd-train recipes/demo.yaml train.steps=8 run_name=x
   kd-train runs/x/config.yaml                       continue a run from its newest checkpoint
+  kd-train RECIPE --plan                            memory and FLOPs per GPU, nothing loaded
   deepspeed --hostfile hosts --module train RECIPE  already launched: kd-train runs as one rank
+  torchrun --nproc-per-node 8 -m train RECIPE       (also mpirun -np 16 python -m train RECIPE)
+  sbatch --nodes=4 scripts/slurm/kd-train.sbatch RECIPE   SLURM: one rank per GPU, started by srun
 
 overrides are dotted keys: train.steps=8, loss.params.k=16, data.pack=true, train.betas=[0.9,0.99].
 Every key, its default and its check: train/config.py (the README lists the stable ones).
