@@ -7,11 +7,12 @@
 - ``kd.reduce``: sum / count over data- and sequence-parallel ranks
 - ``kd.metrics``: OR@k, CR@k, top-1 agreement
 - ``kd.schedule``: weights that move with training progress (GRKD's transition)
+- ``kd.topk``: a teacher known by its top-k and log-partition (a cached teacher): top-k + tail
 """
-from . import losses, metrics, reduce, schedule
+from . import losses, metrics, reduce, schedule, topk
 from .head import fused_distill_loss, softcap
 from .losses import misfeedback
 from .objective import METHODS, Objective, build_objective, distill_loss
 
-__all__ = ["losses", "metrics", "reduce", "schedule", "distill_loss", "fused_distill_loss",
+__all__ = ["losses", "metrics", "reduce", "schedule", "topk", "distill_loss", "fused_distill_loss",
            "build_objective", "Objective", "METHODS", "softcap", "misfeedback"]
