@@ -45,38 +45,37 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_intermixed_args(sys.argv[1:] if argv is None else argv)
+    """kd-train's exit code; a user error is one paragraph (no traceback), a bug keeps its traceback."""
+    return launch.reporting(_main, parser().parse_intermixed_args(sys.argv[1:] if argv is None else argv))
+
+
+def _main(args: argparse.Namespace) -> int:
     from .config import load_config
-    try:
-        if args.recipe is None and args.plan:      # the demo's plan, not the demo
-            from .demo import RECIPE
-            args.recipe = str(RECIPE)
-        if args.recipe is None:
-            from . import demo
-            return demo.main([])
-        ranks = launch.launched() and not args.plan
-        if ranks:                   # first: under MPI every rank takes part (rank 0's address is broadcast)
-            launch.discover()
-        cfg = load_config(args.recipe, args.overrides)
-        if args.plan:               # shapes only: no weights loaded, no ranks launched
-            from .plan import render
-            print(render(cfg, args.gpu_memory_gb, args.mfu, args.peak_tflops))
-            return 0
-        if not ranks:
-            from . import demo
-            if demo.is_demo_recipe(args.recipe):
-                demo.ensure_prerequisites(cfg)
-            return launch.start(args.recipe, args.overrides, cfg)
-        from .loop import run
-        run(cfg)
-        import torch.distributed as dist
-        if dist.is_initialized():   # leave with no live communicator threads (they can abort the exit)
-            dist.barrier()
-            dist.destroy_process_group()
-    except Exception as e:  # user errors: one paragraph, no traceback; bugs keep theirs
-        if launch.is_user_error(e):
-            return launch.report(e)
-        raise
+    if args.recipe is None and args.plan:      # the demo's plan, not the demo
+        from .demo import RECIPE
+        args.recipe = str(RECIPE)
+    if args.recipe is None:
+        from . import demo
+        return demo.main([])
+    ranks = launch.launched() and not args.plan
+    if ranks:                   # first: under MPI every rank takes part (rank 0's address is broadcast)
+        launch.discover()
+    cfg = load_config(args.recipe, args.overrides)
+    if args.plan:               # shapes only: no weights loaded, no ranks launched
+        from .plan import render
+        print(render(cfg, args.gpu_memory_gb, args.mfu, args.peak_tflops))
+        return 0
+    if not ranks:
+        from . import demo
+        if demo.is_demo_recipe(args.recipe):
+            demo.ensure_prerequisites(cfg)
+        return launch.start(args.recipe, args.overrides, cfg)
+    from .loop import run
+    run(cfg)
+    import torch.distributed as dist
+    if dist.is_initialized():   # leave with no live communicator threads (they can abort the exit)
+        dist.barrier()
+        dist.destroy_process_group()
     return 0
 
 

@@ -233,11 +233,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from .launch import exit_process, is_user_error, report
-    try:
-        code = main()
-    except Exception as e:          # user errors: one paragraph, no traceback; bugs keep theirs
-        if not is_user_error(e):
-            raise
-        code = report(e)
-    exit_process(code)
+    from .launch import exit_process, reporting
+    exit_process(reporting(main))

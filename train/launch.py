@@ -302,11 +302,8 @@ def self_launch(recipe: str, overrides: list[str], nproc: int) -> int:
         env.setdefault("DS_ACCELERATOR", "cpu")
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // nproc)))
     deepspeed = Path(sys.executable).with_name("deepspeed")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     cmd = [str(deepspeed) if deepspeed.exists() else "deepspeed", "--num_gpus", str(nproc),
-           "--master_port", str(port), "--module", "train", recipe, *overrides]
+           "--master_port", str(_free_port()), "--module", "train", recipe, *overrides]
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
 
     def forward(signum, _frame):
@@ -328,6 +325,17 @@ def is_user_error(err: BaseException) -> bool:
     return type(err).__name__ in USER_ERRORS
 
 
+def reporting(fn, *args) -> int:
+    """``fn(*args)``'s exit code; a user error is reported (one paragraph, no traceback) and gives 2,
+    a bug keeps its traceback."""
+    try:
+        return fn(*args)
+    except Exception as e:
+        if not is_user_error(e):
+            raise
+        return report(e)
+
+
 _ALONE = False      # this rank reported an error the others did not see (exit_process)
 
 
@@ -336,7 +344,7 @@ def report(err: BaseException) -> int:
     global _ALONE
     _ALONE = bool(getattr(err, "rank_local", False))
     me = rank()
-    if getattr(err, "rank_local", False) and launched():
+    if _ALONE and launched():
         print(f"\nkd-train: error (rank {me}): {err}\n", file=sys.stderr, flush=True)
     elif me == 0:
         print(f"\nkd-train: error: {err}\n", file=sys.stderr, flush=True)

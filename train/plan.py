@@ -95,7 +95,7 @@ def zero_settings(cfg, role: str, ranks: int):
     return DeepSpeedZeroConfig(**ds_config(cfg, role, ranks).get("zero_optimization", {}))
 
 
-def deepspeed_buffers(s: Shape, zero, pbytes: int) -> tuple[float, float]:
+def deepspeed_buffers(s: Shape, zero, pbytes: int) -> tuple[float, float, float]:
     """(gradient bucket, weights kept gathered for the backward, weights gathered ahead of their use)
     of a trained engine, in bytes."""
     bucket = 0.0
@@ -177,6 +177,7 @@ def compute(cfg, nproc: int | None = None) -> Plan:
     if kept:
         plan.rows.append((f"student weights kept gathered for the backward (stage3_max_reuse_distance "
                           f"{zero.max_reuse_distance:.2g})", kept / GB))
+    if ahead:
         plan.rows.append((f"student weights gathered ahead (stage3_prefetch_bucket_size "
                           f"{zero.prefetch_bucket_size:.2g})", ahead / GB))
     if "classmate" in shapes:
@@ -184,7 +185,7 @@ def compute(cfg, nproc: int | None = None) -> Plan:
         gpu, cpu = model_states(c.params, c.largest_layer, p.zero_stage, ranks, pbytes, p.offload_optimizer)
         c_bucket, c_kept, c_ahead = deepspeed_buffers(c, zero, pbytes)
         plan.rows.append((f"classmate states ({_count(c.params)})", gpu / GB))
-        if c_kept:
+        if c_kept + c_ahead:
             plan.rows.append(("classmate weights gathered (kept and ahead)", (c_kept + c_ahead) / GB))
         plan.cpu += cpu
         bucket += c_bucket
@@ -251,11 +252,12 @@ def first_change(cfg, gpu_gb: float, nproc: int | None = None) -> tuple[str, flo
         cands.append(("parallel.offload_teacher", True))
     if not p.offload_optimizer:
         cands.append(("parallel.offload_optimizer", True))
+    base = compute(cfg, nproc).total
     for key, value in cands:
         section, name = key.split(".")
         new = dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **{name: value})})
         total = compute(new, nproc).total
-        if total < compute(cfg, nproc).total:
+        if total < base:
             return f"{key}={str(value).lower() if isinstance(value, bool) else value}", total
     return None
 

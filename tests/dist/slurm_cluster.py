@@ -12,11 +12,12 @@ import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
+
+from .launch import free_port
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "sinfo", "scontrol", "squeue", "scancel", "srun")
@@ -39,12 +40,6 @@ def which(name: str) -> str | None:
 
 def missing() -> list[str]:
     return [n for n in (*DAEMONS, *CLIENTS) if which(n) is None]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def node_line() -> str:
