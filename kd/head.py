@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from . import losses, metrics
+from . import losses, metrics, topk
 from .objective import align_vocab, build_objective
 from .reduce import IGNORE_INDEX, all_reduce_dict, global_mean
 
@@ -50,7 +50,7 @@ def fused_distill_loss(student_hidden: Tensor, student_weight: Tensor,
                        grads_averaged: bool = True, metrics_k: int | None = None,
                        classmate_hidden: Tensor | None = None, classmate_weight: Tensor | None = None,
                        classmate_softcap: float | None = None, misfeedback_weight: float = 0.1,
-                       kappa: float = 1.0, **cfg) -> tuple[Tensor, dict]:
+                       kappa: float = 1.0, teacher_topk: topk.TopK | None = None, **cfg) -> tuple[Tensor, dict]:
     """Same loss and student gradients as :func:`kd.distill_loss` on the materialised logits.
 
     ``student_hidden [N, Hs]`` and ``teacher_hidden [N, Ht]`` are final hidden states (after the
@@ -59,24 +59,28 @@ def fused_distill_loss(student_hidden: Tensor, student_weight: Tensor,
     :mod:`kd.reduce`). ``metrics_k`` adds OR@k / CR@k / top-1 agreement to the stats, computed
     inside the chunks. ``classmate_hidden [N, Hc]`` and ``classmate_weight [V, Hc]`` (class KD;
     any hidden size, the student's vocabulary) add the misfeedback term of ``distill_loss``'s
-    ``classmate_logits``; the classmate gets no gradient. Returns ``(loss, stats)`` like
-    ``distill_loss``.
+    ``classmate_logits``; the classmate gets no gradient. ``teacher_topk`` replaces the teacher's
+    hidden states and weight by a cached teacher (:mod:`kd.topk`): one row per counted token, in the
+    order of ``labels``. Returns ``(loss, stats)`` like ``distill_loss``.
     """
     obj = build_objective(method, progress, **cfg)
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be at least 1")
-    if obj.needs_teacher and (teacher_hidden is None or teacher_weight is None):
-        raise ValueError(f"loss method {method!r} needs teacher hidden states and lm-head weight "
-                         "(only 'sft' runs without a teacher)")
+    live = teacher_topk is None
+    if obj.needs_teacher and live and (teacher_hidden is None or teacher_weight is None):
+        raise ValueError(f"loss method {method!r} needs teacher hidden states and lm-head weight, or a cached "
+                         "teacher (only 'sft' runs without a teacher)")
+    if obj.needs_teacher and not live:
+        topk.check_objective(obj, teacher_topk.k, teacher_topk.temperature, metrics_k)
     H = student_hidden.shape[-1]
     hs_all, labels = student_hidden.reshape(-1, H), labels.reshape(-1)
     if labels.shape[0] != hs_all.shape[0]:
         raise ValueError(f"labels have {labels.shape[0]} positions but student hidden states {hs_all.shape[0]}")
     if student_weight.shape[-1] != H:
         raise ValueError(f"student lm-head weight is {tuple(student_weight.shape)}, expected [V, {H}]")
-    W_s, W_t = align_vocab(student_weight, teacher_weight if obj.needs_teacher else None,
+    W_s, W_t = align_vocab(student_weight, teacher_weight if obj.needs_teacher and live else None,
                            vocab_size, what="lm-head rows")
-    if obj.needs_teacher:
+    if obj.needs_teacher and live:
         ht_all = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
         if ht_all.shape[0] != hs_all.shape[0]:
             raise ValueError(f"teacher hidden states have {ht_all.shape[0]} positions, student {hs_all.shape[0]}")
@@ -97,6 +101,8 @@ def fused_distill_loss(student_hidden: Tensor, student_weight: Tensor,
     need_w = torch.is_grad_enabled() and student_weight.requires_grad
     cdt = torch.promote_types(student_hidden.dtype, torch.float32)
     rows = (labels != IGNORE_INDEX).nonzero().squeeze(-1)
+    if obj.needs_teacher and not live and len(teacher_topk) != rows.numel():
+        raise ValueError(f"the cached teacher has {len(teacher_topk)} rows for {rows.numel()} counted tokens")
     grad_h = torch.zeros_like(hs_all) if need_h else None
     # the lm-head gradient sums over every chunk: accumulate in fp32 (a bf16 sum of many chunks
     # loses the small contributions), cast once at the end
@@ -115,7 +121,9 @@ def fused_distill_loss(student_hidden: Tensor, student_weight: Tensor,
         idx = rows[start:start + chunk_size]
         h, lab = hs_all.index_select(0, idx).detach(), labels.index_select(0, idx)
         a = None
-        if obj.needs_teacher:
+        if obj.needs_teacher and not live:
+            a = teacher_topk[start:start + chunk_size]
+        elif obj.needs_teacher:
             with torch.no_grad():
                 a = softcap((ht_all.index_select(0, idx) @ W_t.T).to(cdt), teacher_softcap)
         c = None

@@ -9,17 +9,25 @@ from __future__ import annotations
 import torch
 
 from .reduce import IGNORE_INDEX
+from .topk import TopK
 
 Tensor = torch.Tensor
 
 
-def alignment_sums(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = None,
+def alignment_sums(student_logits: Tensor, teacher_logits: Tensor | TopK, mask: Tensor | None = None,
                    k: int = 5) -> dict[str, Tensor]:
-    z, a = student_logits.detach(), teacher_logits.detach()
+    """``teacher_logits`` may be a cached teacher (``kd.topk.TopK``, no mask) of at least k ids."""
+    z = student_logits.detach()
     k = min(k, z.shape[-1])
-    if mask is not None:
-        z, a = z[mask], a[mask]
-    ti = a.topk(k, dim=-1).indices
+    if isinstance(teacher_logits, TopK):
+        if mask is not None:
+            raise ValueError("alignment_sums: a cached teacher's rows are counted tokens already; pass no mask")
+        ti = teacher_logits.ids[:, :k]
+    else:
+        a = teacher_logits.detach()
+        if mask is not None:
+            z, a = z[mask], a[mask]
+        ti = a.topk(k, dim=-1).indices
     si = z.topk(k, dim=-1).indices
     overlap = (ti.unsqueeze(-1) == si.unsqueeze(-2)).any(-1).sum(-1).double() / k
     consistent = (ti == si).all(-1).double()

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from . import losses, schedule
+from . import losses, schedule, topk
 from .reduce import IGNORE_INDEX
 
 Tensor = torch.Tensor
@@ -57,16 +57,23 @@ class Objective:
         ``misfeedback_weight * losses.misfeedback(z, c, T, kappa)``, logged as ``misfeedback``
         beside the uncapped ``classmate_kl``. That term always sees the raw logits: ``standardize``
         is for the teacher terms only (the misfeedback's kappa is in nats of the real q and c).
-        Rows whose label is ``IGNORE_INDEX`` are computed too; the caller masks them.
+        Rows whose label is ``IGNORE_INDEX`` are computed too; the caller masks them. ``teacher_logits`` may
+        be a ``kd.topk.TopK`` (a cached teacher, checked by ``topk.check_objective``): each term then
+        computes from the top-k ids and the tail (docs/methods.md, "A cached teacher").
         """
         z, a = student_logits, teacher_logits
+        cached = isinstance(a, topk.TopK)
         dt = torch.promote_types(z.dtype, torch.float32)
         out: dict[str, Tensor] = {}
         total = torch.zeros(z.shape[0], dtype=dt, device=z.device)
         if self.terms:
             zs, as_ = (losses.standardize(z), losses.standardize(a)) if self.standardize else (z, a)
             for t in self.terms:
-                v = t.fn(zs, as_, self.temperature, **t.params)
+                T = self.temperature
+                if cached:
+                    zs, as_, T = topk.term_inputs(t.fn, z, a)
+                    T = self.temperature if T is None else T
+                v = t.fn(zs, as_, T, **t.params)
                 out[t.name] = v.detach()
                 total = total + t.weight * v
         if self.ce_weight:

@@ -20,6 +20,8 @@ examples:
   kd-train recipes/demo.yaml train.steps=8 run_name=x
   kd-train runs/x/config.yaml                       continue a run from its newest checkpoint
   kd-train RECIPE --plan                            memory and FLOPs per GPU, nothing loaded
+  kd-train RECIPE mode=cache-teacher cache.out=DIR  the teacher's top-k over data.train, once (--dry-run: its size)
+  kd-train RECIPE model.teacher=cache:DIR           train from that cache: no teacher engine
   deepspeed --hostfile hosts --module train RECIPE  already launched: kd-train runs as one rank
   torchrun --nproc-per-node 8 -m train RECIPE       (also mpirun -np 16 python -m train RECIPE)
   sbatch --nodes=4 scripts/slurm/kd-train.sbatch RECIPE   SLURM: one rank per GPU, started by srun
@@ -40,6 +42,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted settings that replace the recipe's")
     from .plan import add_arguments
     add_arguments(p)
+    p.add_argument("--dry-run", action="store_true",
+                   help="with mode=cache-teacher: the cache's tokens, bytes per token and size; nothing is written")
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)   # the deepspeed launcher's
     return p
 
@@ -57,7 +61,7 @@ def _main(args: argparse.Namespace) -> int:
     if args.recipe is None:
         from . import demo
         return demo.main([])
-    ranks = launch.launched() and not args.plan
+    ranks = launch.launched() and not (args.plan or args.dry_run)
     if ranks:                   # first: under MPI every rank takes part (rank 0's address is broadcast)
         launch.discover()
     cfg = load_config(args.recipe, args.overrides)
@@ -65,17 +69,37 @@ def _main(args: argparse.Namespace) -> int:
         from .plan import render
         print(render(cfg, args.gpu_memory_gb, args.mfu, args.peak_tflops))
         return 0
+    if args.dry_run:
+        return _dry_run(cfg)
     if not ranks:
         from . import demo
         if demo.is_demo_recipe(args.recipe):
             demo.ensure_prerequisites(cfg)
         return launch.start(args.recipe, args.overrides, cfg)
-    from .loop import run
-    run(cfg)
+    if cfg.mode == "cache-teacher":
+        from .cache import build
+        build(cfg)
+    else:
+        from .loop import run
+        run(cfg)
     import torch.distributed as dist
     if dist.is_initialized():   # leave with no live communicator threads (they can abort the exit)
         dist.barrier()
         dist.destroy_process_group()
+    return 0
+
+
+def _dry_run(cfg) -> int:
+    from .config import ConfigError
+    if cfg.mode != "cache-teacher":
+        raise ConfigError("--dry-run describes the cache of mode=cache-teacher; add mode=cache-teacher (or use "
+                          "--plan for a training run's memory)")
+    from . import preflight
+    from .cache import distill_vocab, plan_text
+    from .tokenizer import load_tokenizer
+    preflight.check(cfg, cfg.parallel.nproc or launch.default_nproc())
+    tokenizer = load_tokenizer(cfg.data.tokenizer or cfg.model.student)
+    print(plan_text(cfg, tokenizer, distill_vocab(cfg, tokenizer)))
     return 0
 
 

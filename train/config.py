@@ -38,7 +38,7 @@ import yaml
 from kd import METHODS, build_objective
 
 __all__ = ["ConfigError", "Config", "ModelConfig", "TrainConfig", "LossConfig", "DataConfig",
-           "ParallelConfig", "OnPolicyConfig", "ClassmateConfig", "load_config", "config_from_dict", "dump_yaml",
+           "ParallelConfig", "OnPolicyConfig", "ClassmateConfig", "CacheConfig", "CACHE_PREFIX", "load_config", "config_from_dict", "dump_yaml",
            "resolve_dtype", "torch_dtype"]
 
 _DEFAULT = "the defaults"                        # source of a value nobody set
@@ -167,8 +167,25 @@ class ParallelConfig:
 
 
 @dataclass(kw_only=True)
+class CacheConfig:
+    # mode=cache-teacher: the teacher's top-k over data.train, written here (None: <output_dir>/<run_name>-teacher-cache,
+    # beside the run: overwrite=true on a run never moves the cache it trains from);
+    # a run trains from it with model.teacher=cache:<dir> (train/cache/)
+    out: str | None = None
+    k: int = _opt(64, gt=0)                       # top-k ids and logits kept per counted token
+    dtype: str = _opt("fp16", choices=("fp16", "bf16", "fp32"), aliases=_DTYPE_ALIASES)   # of the logits
+    # dataset items (examples, or packed rows) per shard file; None: about 2^20 counted tokens per shard
+    shard_items: int | None = _opt(None, gt=0)
+
+
+CACHE_PREFIX = "cache:"                           # model.teacher=cache:DIR
+
+
+@dataclass(kw_only=True)
 class Config:
     run_name: str = "run"                         # the run lives in <output_dir>/<run_name>/
+    # train, or cache-teacher: run the teacher once over data.train and write its top-k (cache.*)
+    mode: str = _opt("train", choices=("train", "cache-teacher"))
     output_dir: str = "runs"
     resume: str = _opt("none", words=("auto", "none"), expect="'auto', 'none' or a checkpoint path")
     overwrite: bool = False                       # start afresh where a run already wrote outputs
@@ -179,10 +196,22 @@ class Config:
     parallel: ParallelConfig = _opt(factory=ParallelConfig)
     onpolicy: OnPolicyConfig = _opt(factory=OnPolicyConfig)
     classmate: ClassmateConfig = _opt(factory=ClassmateConfig)
+    cache: CacheConfig = _opt(factory=CacheConfig)
 
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.run_name
+
+    @property
+    def teacher_cache(self) -> Path | None:
+        """The cache a run trains from (``model.teacher=cache:DIR``), else None."""
+        t = self.model.teacher
+        return Path(t[len(CACHE_PREFIX):]) if t and t.startswith(CACHE_PREFIX) else None
+
+    @property
+    def cache_out(self) -> Path:
+        """Where ``mode=cache-teacher`` writes."""
+        return Path(self.cache.out) if self.cache.out else Path(self.output_dir) / f"{self.run_name}-teacher-cache"
 
     def to_dict(self) -> dict:
         """Plain nested dict (lists, not tuples) that YAML can dump and ``config_from_dict`` reads."""
@@ -198,7 +227,7 @@ class Config:
 
 _SECTIONS: dict[str, type] = {"model": ModelConfig, "train": TrainConfig, "loss": LossConfig,
                               "data": DataConfig, "parallel": ParallelConfig, "onpolicy": OnPolicyConfig,
-                              "classmate": ClassmateConfig}
+                              "classmate": ClassmateConfig, "cache": CacheConfig}
 _FREE_FORM = "loss.params"
 _REQUIRED = ("model.student", "data.train")
 
@@ -515,6 +544,7 @@ def _cross_check(c: Config, layers: _Layers) -> None:
         raise ConfigError(
             f"Invalid configuration in {layers.where('parallel.offload_optimizer')}: "
             "parallel.offload_optimizer=true needs parallel.zero_stage 1, 2 or 3, got 0.")
+    _check_cache(c, layers)
     _check_onpolicy(c, layers)
     clash = sorted({"temperature", "ce_weight"} & set(c.loss.params))
     if clash:
@@ -529,6 +559,29 @@ def _cross_check(c: Config, layers: _Layers) -> None:
             f"Invalid loss settings in {layers.where(_FREE_FORM)} for loss.method {c.loss.method!r} "
             f"(from {layers.where('loss.method')}): {reason}. Method-specific settings go under loss.params."
         ) from None
+
+
+def _check_cache(c: Config, layers: _Layers) -> None:
+    """A cached teacher scores only the dataset's own responses, and writing one needs a real teacher."""
+    w = layers.where
+    if c.mode == "cache-teacher" and (c.model.teacher is None or c.teacher_cache is not None):
+        raise ConfigError(
+            f"Invalid configuration: mode=cache-teacher ({w('mode')}) runs model.teacher over data.train, and "
+            f"model.teacher={c.model.teacher} ({w('model.teacher')}) is not a model. Set model.teacher to the teacher's "
+            "HF directory (or a preset / config.json).")
+    if c.mode != "train" or c.teacher_cache is None:
+        return
+    if c.onpolicy.mode != "off":
+        raise ConfigError(
+            f"Invalid configuration: model.teacher={c.model.teacher} ({w('model.teacher')}) is a cached teacher, which "
+            f"holds the teacher's view of data.train's own responses, and onpolicy.mode={c.onpolicy.mode} "
+            f"({w('onpolicy.mode')}) trains on the student's samples, which only a live teacher can score. Use "
+            "onpolicy.mode=off with a cache, or the teacher's model directory.")
+    if c.model.classmate is not None:
+        raise ConfigError(
+            f"Invalid configuration: model.classmate ({w('model.classmate')}) with a cached teacher "
+            f"(model.teacher={c.model.teacher}): class KD trains on student samples and its classmate learns from the "
+            "teacher's hidden states; use the teacher's model directory.")
 
 
 def _check_onpolicy(c: Config, layers: _Layers) -> None:

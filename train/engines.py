@@ -205,15 +205,19 @@ def _frozen(cfg, ds: dict, spec: str, role: str, vocab_size: int | None, sp: Seq
     return Engine(engine, model, _zero3(ds), role)
 
 
+def frozen_teacher(cfg: Config, world: int, vocab_size: int | None, sp: SequenceParallel) -> Engine:
+    return _frozen(cfg, ds_config(cfg, "teacher", world), cfg.model.teacher, "teacher", vocab_size, sp)
+
+
 def build(cfg: Config, world: int, vocab_size: int | None, sp: SequenceParallel, universal: bool = False) -> Engines:
     """Every engine of the run. ``universal``: the trained engines resume from DeepSpeed universal
     checkpoints. A random-init classmate (preset or config.json) is seeded apart from the student,
-    so the two never start as the same model."""
+    so the two never start as the same model. A cached teacher (``model.teacher=cache:DIR``) has no engine."""
     m = cfg.model
     student = _trained(cfg, ds_config(cfg, "student", world, load_universal=universal), m.student_init or m.student,
                        "student", vocab_size, sp, cfg.train.seed)
-    teacher = _frozen(cfg, ds_config(cfg, "teacher", world), m.teacher, "teacher", vocab_size, sp) \
-        if cfg.loss.method != "sft" else None
+    teacher = frozen_teacher(cfg, world, vocab_size, sp) \
+        if cfg.loss.method != "sft" and cfg.teacher_cache is None else None
     classmate = _trained(cfg, ds_config(cfg, "classmate", world, load_universal=universal), m.classmate, "classmate",
                          vocab_size, sp, cfg.train.seed + 1, cfg.classmate.lr_scale) if m.classmate else None
     return Engines(student, teacher, classmate)

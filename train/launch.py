@@ -35,7 +35,7 @@ from pathlib import Path
 
 PARENT_ENV = "KD_TRAIN_PARENT"      # the pid of the self-launching kd-train, for its ranks to watch
 USER_ERRORS = ("ConfigError", "DataError", "TrainingError", "CheckpointError", "FileNotFoundError", "ParallelError",
-               "ModelError", "LaunchError")
+               "ModelError", "LaunchError", "CacheError")
 DEFAULT_PORT = 29500
 
 

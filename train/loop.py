@@ -20,6 +20,7 @@ import torch.distributed as dist
 import kd
 from kd.reduce import IGNORE_INDEX, all_reduce_values
 from . import checkpoint, data, engines, evaluate, launch, parallel, preflight
+from .cache import TeacherCache
 from .config import Config, dump_yaml
 from .rollout import Rollout
 from .runlog import RunLogger
@@ -63,11 +64,13 @@ class StopFlag:
 
 
 def train_step(models: engines.Engines, loader, rollout: Rollout, sp: parallel.SequenceParallel, cfg: Config,
-               progress: float, classmate_learns: bool = False) -> dict | None:
+               progress: float, classmate_learns: bool = False,
+               cache: TeacherCache | None = None) -> dict | None:
     """One optimizer step over ``grad_accum`` micro-batches; None when the step was skipped.
 
     Each micro-batch comes from the rollout seam (the dataset's responses, or the student's own samples),
-    is sharded for sequence parallelism, and is scored by the frozen teacher. The loss is the token
+    is sharded for sequence parallelism, and is scored by the frozen teacher (or read from its ``cache``:
+    each counted token's top-k row, found from the batch's dataset indices). The loss is the token
     mean over the whole global batch: each micro-batch's loss (a mean over its own tokens on every rank)
     is weighted by its share of the step's counted tokens, so the step equals one micro-batch of
     ``grad_accum`` times the size. A non-finite micro-batch (the same on every rank: the loss is
@@ -80,7 +83,11 @@ def train_step(models: engines.Engines, loader, rollout: Rollout, sp: parallel.S
     device, head = student.engine.device, dict(chunk_size=cfg.loss.chunk_size, vocab_size=cfg.model.vocab_size)
     loss_cfg = dict(method=cfg.loss.method, metrics_k=cfg.loss.metrics_k, **head, **cfg.loss.objective_kwargs())
     micro = rollout.micro_batches(loader, cfg.train.grad_accum, progress)
-    batches = [sp.shard(data.to_device(b, device), packed=cfg.data.pack) for b, _ in micro]
+    batches = [sp.shard(cache.mark(b) if cache else b, packed=cfg.data.pack) for b, _ in micro]
+    # a cached teacher's rows, read on the CPU before the step's device work
+    cached = [cache.rows(b.pop("cache_rows").flatten()[b["targets"].flatten() != IGNORE_INDEX], device)
+              if cache else None for b in batches]
+    batches = [data.to_device(b, device) for b in batches]
     sampled = [src != "dataset" for _, src in micro]
     counts = all_reduce_values([float((b["targets"] != IGNORE_INDEX).sum()) for b in batches], dist.group.WORLD,
                                device=device)
@@ -94,7 +101,7 @@ def train_step(models: engines.Engines, loader, rollout: Rollout, sp: parallel.S
                 sums.setdefault(k, [0.0, 0.0])
                 sums[k][0] += v * n
                 sums[k][1] += n
-    for batch, n, on_policy, c_n in zip(batches, counts, sampled, c_counts):
+    for batch, n, on_policy, c_n, t_topk in zip(batches, counts, sampled, c_counts, cached):
         labels = batch["targets"].flatten()
         t_hidden = None
         if teacher is not None:
@@ -114,7 +121,7 @@ def train_step(models: engines.Engines, loader, rollout: Rollout, sp: parallel.S
             loss, stats = kd.fused_distill_loss(
                 s_hidden, w_s, t_hidden, w_t, labels, progress=progress, group=dist.group.WORLD,
                 student_softcap=student.softcap, teacher_softcap=teacher.softcap if teacher else None,
-                **loss_cfg, **mis)
+                teacher_topk=t_topk, **loss_cfg, **mis)
             c_loss = None
             if c_n:
                 c_loss, c_stats = kd.fused_distill_loss(
@@ -172,6 +179,16 @@ def run(cfg: Config) -> dict:
             eval_set, cfg.train.micro_batch, sp.dp_rank, sp.dp_world, pad_id=tokenizer.pad_id, drop_last=False,
             pad_to_multiple_of=sp.pad_to_multiple_of)
 
+    cache, failure = None, None
+    if cfg.teacher_cache is not None and cfg.loss.method != "sft":     # its settings checked by the preflight
+        try:                                    # every rank: the items as this environment tokenizes them
+            cache = TeacherCache(cfg.teacher_cache)
+            cache.check_items(loader.dataset)
+        except Exception as e:
+            if not launch.is_user_error(e):
+                raise
+            failure = e
+        launch.agree(failure, device)
     found, same_world = plan.resume, plan.resume_world in (None, world)
     models = engines.build(cfg, world, tokenizer.vocab_size, sp, universal=plan.universal)
     student, trained = models.student, {m.name: m.engine for m in models.trainable()}
@@ -224,7 +241,7 @@ def run(cfg: Config) -> dict:
         t0 = time.perf_counter()
         lr = [engines.set_optimizer_settings(m, state["step"], cfg) for m in models.trainable()][0]
         stats = train_step(models, loader, rollout, sp, cfg, progress=state["step"] / cfg.train.steps,
-                           classmate_learns=state["step"] % cfg.classmate.update_every == 0)
+                           classmate_learns=state["step"] % cfg.classmate.update_every == 0, cache=cache)
         state["step"] += 1
         if stats is None:
             state["bad_steps"] += 1

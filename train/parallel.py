@@ -135,7 +135,8 @@ def shard(batch: dict[str, torch.Tensor], rank: int, size: int, packed: bool = F
     sequence-parallel slices (the mask is rebuilt for the whole sequence inside attention).
     """
     batch = dict(batch)
-    batch.pop("prompt_len", None)             # the rollout's; the models never need it
+    batch.pop("prompt_len", None)             # the rollout's and the loader's; the models never need them
+    batch.pop("index", None)
     batch["targets"] = data.shift_labels(batch.pop("labels"))
     if size > 1:
         T = batch["input_ids"].shape[1]

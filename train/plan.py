@@ -44,6 +44,8 @@ FLOPs per token (Kaplan et al. 2020 / PaLM appendix B): 6 N_student + 2 N_teache
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 from dataclasses import dataclass, field
 
 import torch
@@ -157,10 +159,14 @@ def compute(cfg, nproc: int | None = None) -> Plan:
     dtype = resolve_dtype(m.dtype)
     pbytes = torch_dtype(dtype).itemsize
     # the student as engines.build makes it: from student_init where set
-    specs = {"student": m.student_init or m.student, "teacher": m.teacher, "classmate": m.classmate}
+    specs = {"student": m.student_init or m.student, "teacher": None if cfg.teacher_cache else m.teacher,
+             "classmate": m.classmate}
     shapes = {k: shape_of(v, attn=m.attn_implementation) for k, v in specs.items() if v and _is_hf(v)}
     # presets follow the vocabulary of an HF model beside them (the demo: the tokenizer's)
     vocab = next((shapes[k].vocab for k in ("teacher", "student") if k in shapes), None)
+    if vocab is None and cfg.teacher_cache:    # the cache's vocabulary, when it can be read
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            vocab = json.loads((cfg.teacher_cache / "manifest.json").read_text())["fingerprint"]["vocab"]
     shapes.update({k: shape_of(v, vocab, m.attn_implementation) for k, v in specs.items() if v and not _is_hf(v)})
     shapes = {k: shapes[k] for k in specs if k in shapes}          # student, teacher, classmate order
     sp = p.sequence
@@ -248,7 +254,7 @@ def first_change(cfg, gpu_gb: float, nproc: int | None = None) -> tuple[str, flo
     nxt = p.sequence * 2
     if ranks % nxt == 0 and cfg.data.max_len % nxt == 0:
         cands.append(("parallel.sequence", nxt))
-    if cfg.model.teacher and not p.offload_teacher:
+    if cfg.model.teacher and not cfg.teacher_cache and not p.offload_teacher:
         cands.append(("parallel.offload_teacher", True))
     if not p.offload_optimizer:
         cands.append(("parallel.offload_optimizer", True))

@@ -38,16 +38,18 @@ class Plan:
 
 
 def check(cfg: Config, nproc: int) -> Plan:
-    """Raise a user error (one paragraph) on the first problem; the plan of the run otherwise."""
+    """Raise a user error (one paragraph) on the first problem; the plan of the run otherwise
+    (``mode=cache-teacher``: an empty plan, once ``cache.out`` is known to take this cache)."""
+    writing_cache = cfg.mode == "cache-teacher"
     if not os.environ.get(CHECKED_ENV):
         _paths(cfg)
         for key, limit in (("data.train", None), ("data.eval", cfg.data.eval_samples)):
             path = getattr(cfg.data, key.split(".")[1])
-            if path:
+            if path and not (writing_cache and key == "data.eval"):       # a cache is of data.train only
                 _records(path, limit, need_prompt=key == "data.train" and cfg.onpolicy.mode != "off")
         _models(cfg)
     _parallel(cfg, nproc)
-    return _run_plan(cfg, nproc)
+    return Plan() if writing_cache else _run_plan(cfg, nproc)
 
 
 def _paths(cfg: Config) -> None:
@@ -55,8 +57,14 @@ def _paths(cfg: Config) -> None:
              "model.student_init": cfg.model.student_init}
     paths.update({f"model.{k}": v for k, v in (("student", cfg.model.student), ("teacher", cfg.model.teacher),
                                                 ("classmate", cfg.model.classmate)) if v not in PRESETS})
-    if cfg.loss.method == "sft":
+    if cfg.loss.method == "sft" and cfg.mode == "train":
         paths.pop("model.teacher", None)
+    if cfg.teacher_cache is not None:
+        paths.pop("model.teacher", None)
+        if not cfg.teacher_cache.is_dir():
+            raise FileNotFoundError(f"model.teacher={cfg.model.teacher}: no such directory (paths are relative to "
+                                    f"{Path.cwd()}, where kd-train runs); write the cache first: kd-train RECIPE "
+                                    f"mode=cache-teacher cache.out={cfg.teacher_cache}")
     for key, value in paths.items():
         if value and not Path(value).exists():
             raise FileNotFoundError(f"{key}={value}: no such file or directory (paths are relative to "
@@ -101,7 +109,7 @@ def _weights_match(key: str, spec: str, config) -> None:
                          f"{Path(spec) / 'config.json'} ({config.model_type}) requires: a different architecture?")
 
 
-def _rows(key: str, spec: str, vocab: int) -> int:
+def vocab_rows(key: str, spec: str, vocab: int) -> int:
     """Logit rows of a model spec: its config's vocab_size for a directory, else the tokenizer's."""
     if not Path(spec).is_dir():
         return vocab
@@ -123,13 +131,13 @@ def _models(cfg: Config) -> None:
     data.uses_chat_template(tokenizer, cfg.data.chat_template)       # true without a template fails here
     vocab = tokenizer.vocab_size
     s_key = "model.student_init" if cfg.model.student_init else "model.student"
-    s_rows = _rows(s_key, cfg.model.student_init or cfg.model.student, vocab)
+    s_rows = vocab_rows(s_key, cfg.model.student_init or cfg.model.student, vocab)
     if s_rows < vocab:
         raise ModelError(f"{s_key}: the student has {s_rows} vocabulary rows but the tokenizer ({tok_key}) makes "
                          f"ids up to {vocab - 1}. Use the student's own tokenizer, or resize the student "
                          "(kd-convert vocab-check --resize).")
     if cfg.model.classmate:
-        c_rows = _rows("model.classmate", cfg.model.classmate, vocab)
+        c_rows = vocab_rows("model.classmate", cfg.model.classmate, vocab)
         classmate = Path(cfg.model.classmate)
         why = None
         if classmate.is_dir() and any(classmate.glob("tokenizer*")):
@@ -141,9 +149,13 @@ def _models(cfg: Config) -> None:
                 + (f"its tokenizer differs: {why}" if why else f"{c_rows} vocabulary rows, the student {s_rows}")
                 + "). The misfeedback term compares student and classmate token by token: use a classmate of the "
                 "student's architecture and tokenizer (e.g. model.classmate=<the student's config or preset>).")
-    if cfg.loss.method == "sft":
+    if cfg.teacher_cache is not None and cfg.loss.method != "sft":
+        from .cache import TeacherCache
+        TeacherCache(cfg.teacher_cache).check(cfg, tokenizer, s_rows)
         return
-    t_rows = _rows("model.teacher", cfg.model.teacher, vocab)
+    if cfg.loss.method == "sft" and cfg.mode == "train":
+        return
+    t_rows = vocab_rows("model.teacher", cfg.model.teacher, vocab)
     teacher = Path(cfg.model.teacher)
     if teacher.is_dir() and any(teacher.glob("tokenizer*")):
         ok, why = tokenizers_match(load_tokenizer(teacher), tokenizer)
@@ -162,6 +174,9 @@ def _models(cfg: Config) -> None:
                          f"{vocab} ids. If the extra rows are padding of the same tokenizer, set "
                          f"model.vocab_size={min(s_rows, t_rows)} to distil over the shared rows; check the "
                          "tokenizers with `kd-convert vocab-check TEACHER STUDENT`.")
+    if cfg.mode == "cache-teacher":             # read-only: the ranks write nothing over another setup's cache
+        from .cache import check_out, distill_vocab, fingerprint
+        check_out(cfg.cache_out, fingerprint(cfg, tokenizer, distill_vocab(cfg, tokenizer)), cfg.cache.shard_items)
 
 
 def _parallel(cfg: Config, nproc: int) -> None:
@@ -171,7 +186,7 @@ def _parallel(cfg: Config, nproc: int) -> None:
     from .parallel import check_model, check_world
     check_world(sp, nproc)
     models = {"student_init" if cfg.model.student_init else "student": cfg.model.student_init or cfg.model.student}
-    if cfg.loss.method != "sft":
+    if (cfg.loss.method != "sft" or cfg.mode == "cache-teacher") and cfg.teacher_cache is None:
         models["teacher"] = cfg.model.teacher
     if cfg.model.classmate:
         models["classmate"] = cfg.model.classmate

@@ -10,6 +10,8 @@ environment variable:
   rank, as a non-finite micro-batch would be.
 - ``KD_TEST_MISSING_ON=RANK``: that rank's input checks find data.train missing, as when the file
   is on one node's local disk only.
+- ``KD_TEST_KILL_IN_SHARD=N``: mode=cache-teacher's writer is SIGKILLed while it writes its N-th shard
+  (counted from 1 on each writing rank), its temporary file written, not yet renamed.
 - ``KD_TEST_MEMORY=PATH``: JSON from every rank (PATH.rank<N>): its resident memory when the engines
   start to be built, and its peak resident memory from then to the end of the last step (Linux's
   VmHWM, reset at that point through /proc/self/clear_refs).
@@ -119,6 +121,22 @@ if os.environ.get("KD_TEST_MISSING_ON"):
         return original_check(cfg, nproc)
 
     train.loop.preflight.check = check_missing_here
+
+if os.environ.get("KD_TEST_KILL_IN_SHARD"):
+    import signal
+
+    import train.cache.store as store
+    original_write, written = store._write_atomic, [0]
+
+    def write_and_die(path, write):
+        if path.name.startswith("shard-"):
+            written[0] += 1
+            if written[0] == int(os.environ["KD_TEST_KILL_IN_SHARD"]):
+                write(path.with_name(f".{path.name}.tmp-{os.uname().nodename}-{os.getpid()}"))
+                os.kill(os.getpid(), signal.SIGKILL)
+        return original_write(path, write)
+
+    store._write_atomic = write_and_die
 
 code = main(sys.argv[1:])
 if os.environ.get("KD_TEST_COUNTS") and int(os.environ.get("RANK", 0)) == 0:

@@ -1,7 +1,8 @@
 """Batches: (packed) examples -> padded tensors, and the exactly resumable loader.
 
 ``make_loader`` batches are ``input_ids``, ``labels`` (unshifted), ``attention_mask``, ``position_ids``, all
-``[B, L]`` int64 (unpacked: also ``prompt_len [B]``, where each row's final response starts), L the longest in the batch rounded up to ``pad_to_multiple_of``. Padding: pad id, label
+``[B, L]`` int64, and ``index [B]``, each row's item in the dataset (unpacked: also ``prompt_len [B]``, where each
+row's final response starts), L the longest in the batch rounded up to ``pad_to_multiple_of``. Padding: pad id, label
 -100, mask 0. Unpacked: position ids ``0..L-1``. Packed (``pack=True``): examples concatenated greedily into
 rows of at most ``max_len``, position ids restarting at 0 for each example (and for the padding tail), the
 first token of each example labelled -100 so nothing is predicted across a boundary. To keep packed examples
@@ -91,11 +92,14 @@ class Collator:
                  "position_ids": position_ids}
         if all("prompt_len" in it for it in items):   # unpacked rows: where each row's prompt ends
             batch["prompt_len"] = torch.tensor([int(it["prompt_len"]) for it in items], dtype=torch.long)
+        if all("index" in it for it in items):        # the loader's: each row's dataset index
+            batch["index"] = torch.tensor([int(it["index"]) for it in items], dtype=torch.long)
         return batch
 
 
 class _RepeatMarked(Dataset):
-    """Serves ``(index, repeated)`` sampler entries; a repeated item keeps its tokens but loses its labels."""
+    """Serves ``(index, repeated)`` sampler entries, each item with its ``index`` (a cached teacher finds its
+    rows by it); a repeated item keeps its tokens but loses its labels."""
 
     def __init__(self, dataset: Dataset):
         self.dataset = dataset
@@ -105,9 +109,9 @@ class _RepeatMarked(Dataset):
 
     def __getitem__(self, key: tuple[int, bool]) -> dict[str, np.ndarray]:
         index, repeated = key
-        item = self.dataset[index]
+        item = {**self.dataset[index], "index": index}
         if repeated:
-            item = {**item, "labels": np.full_like(item["labels"], IGNORE_INDEX)}
+            item["labels"] = np.full_like(item["labels"], IGNORE_INDEX)
         return item
 
 
