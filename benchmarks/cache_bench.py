@@ -18,12 +18,15 @@ adds the slow one):
 - build: tokens/s of the teacher's plain forward (HF forward with logits) against a cache build's
   forward + ``top_rows`` + cast + one shard written (fsync'd, as kd-train writes), same configs as step.
 - quality: the demo task: GRKD and forward-KL students from the live teacher and from a k = 64 cache
-  (``kd-train recipes/demo.yaml``, the recipe's settings, same seed; kernels pinned as in the demo).
+  (``kd-train recipes/demo.yaml``, the recipe's settings, ``--seeds`` student seeds each, paired by seed;
+  kernels pinned as in the demo). One seed is not enough: a live and a k = V cache run whose losses agree
+  to 1e-6 for 50 steps end 300 steps apart by as much as two seeds do (the chaotic trajectory of a
+  high learning rate), so only the spread over seeds tells a real difference.
   Exact match, ROUGE-L and top-1 agreement with the teacher from ``train.demo.compare`` (greedy, held-out
   prompts), NLL from each run's final eval in metrics.jsonl, median step time from its per-step log.
 
     python benchmarks/cache_bench.py                    # step + bytes + build (~3 min on 2 idle cores)
-    python benchmarks/cache_bench.py --quality          # + the demo students (4 x 300 steps, ~6 min more)
+    python benchmarks/cache_bench.py --quality          # + the demo students (12 x 300 steps, ~12 min more)
     python benchmarks/cache_bench.py --sections quality --steps 100
     python benchmarks/cache_bench.py --quick            # smoke run (< 1 min)
 """
@@ -87,7 +90,7 @@ def interleaved(cases: dict, reps: int) -> dict:
 
 
 def save_shard(path: Path, ids, values, log_tail, vocab: int, dtype: str) -> None:
-    tc.write_shard(path, [(ids, values, log_tail)], ids.shape[0], dtype, vocab)   # kd-train's own (tmp, fsync, rename)
+    tc.write_shard(path, [tc.stored(ids, values, log_tail, vocab, dtype)], ids.shape[0])   # kd-train's own write
 
 
 def write_cache(out: Path, ids, values, log_tail, vocab: int, per_item: list[int], dtype: str = "fp16") -> Path:
@@ -95,13 +98,12 @@ def write_cache(out: Path, ids, values, log_tail, vocab: int, per_item: list[int
     ``TeacherCache`` reads it exactly as a training run does."""
     offsets = np.concatenate([[0], np.cumsum(per_item)]).astype(np.int64)
     fp = {"teacher": "cache_bench (random weights)", "vocab": vocab, "k": ids.shape[1], "temperature": 1.0,
-          "dtype": dtype}
-    layout = {"items": len(per_item), "rows": int(offsets[-1]), "shard_items": len(per_item), "shards": 1}
+          "dtype": dtype, "tokenizer": "-", "data.train": "-", "data.max_len": 0, "data.pack": False}
+    layout = {"items": len(per_item), "rows": int(offsets[-1]), "shard_items": len(per_item), "shards": 1,
+              "id_bits": tc.id_bits(vocab), "items_sha256": "-"}
     tc.prepare(out, fp, layout, offsets)
     save_shard(out / "shard-00000.safetensors", ids, values, log_tail, vocab, dtype)
-    m = json.loads((out / tc.MANIFEST).read_text())
-    m["complete"] = True
-    (out / tc.MANIFEST).write_text(json.dumps(m))
+    tc.finish(out)
     return out
 
 
@@ -255,37 +257,46 @@ def quality_section(args, work: Path, built: dict) -> None:
           f"{cache['tokens_s']} tok/s); exact match, ROUGE-L, top-1 agreement on {n_eval} held-out prompts, NLL on "
           f"the run's data.eval_samples={cfg.data.eval_samples}\n")
     runs = {}
-    for method, extra in (("GRKD", []), ("forward KL", ["loss.method=forward_kl", "loss.params={}"])):
-        for teacher in ("live", "cache"):
-            name = f"{'grkd' if method == 'GRKD' else 'fkl'}-{teacher}"
-            src = [f"model.teacher=cache:{cache['dir']}"] if teacher == "cache" else []
-            wall, _ = kd_train(work, name, [f"run_name={name}", f"output_dir={work / 'runs'}", f"train.steps={steps}",
-                                            *extra, *src])
-            log = [json.loads(x) for x in (work / "runs" / name / "metrics.jsonl").read_text().splitlines() if x]
-            steps_log = [r for r in log if "kind" not in r]
-            steps_log = steps_log[1:] or steps_log              # step 1 warms up
-            runs[(method, teacher)] = {"dir": work / "runs" / name, "wall": wall,
-                                       "eval": [r for r in log if r.get("kind") == "eval"][-1],
-                                       "step": statistics.median(r["tokens_in"] / r["tokens_per_s"] for r in steps_log)}
+    for seed in range(args.seeds):
+        for method, extra in (("GRKD", []), ("forward KL", ["loss.method=forward_kl", "loss.params={}"])):
+            for teacher in ("live", "cache"):
+                name = f"{'grkd' if method == 'GRKD' else 'fkl'}-{teacher}-s{seed}"
+                src = [f"model.teacher=cache:{cache['dir']}"] if teacher == "cache" else []
+                wall, _ = kd_train(work, name, [f"run_name={name}", f"output_dir={work / 'runs'}",
+                                                f"train.steps={steps}", f"train.seed={seed}", *extra, *src])
+                log = [json.loads(x) for x in (work / "runs" / name / "metrics.jsonl").read_text().splitlines() if x]
+                steps_log = [r for r in log if "kind" not in r]
+                steps_log = steps_log[1:] or steps_log              # step 1 warms up
+                runs[(method, teacher, seed)] = {
+                    "dir": work / "runs" / name, "wall": wall,
+                    "nll": [r for r in log if r.get("kind") == "eval"][-1]["eval_student_nll"],
+                    "step": statistics.median(r["tokens_in"] / r["tokens_per_s"] for r in steps_log)}
     models = {"teacher": Path(cfg.model.teacher), **{key: r["dir"] / "student-hf" for key, r in runs.items()}}
     res = compare(models, Path(cfg.data.eval), Path(cfg.data.tokenizer), n_eval, cfg.data.max_new_tokens,
                   chat_template=cfg.data.chat_template)
     t = res.pop("teacher")
-    rows = [["teacher", "", f"{t['exact_match']:.3f}", f"{t['rouge_l']:.3f}",
-             f"{runs[('GRKD', 'live')]['eval']['eval_teacher_nll']:.4f}", "", "", ""]]
-    for (method, teacher), r in runs.items():
-        m = res[(method, teacher)]
-        rows.append([method, teacher, f"{m['exact_match']:.3f}", f"{m['rouge_l']:.3f}",
-                     f"{r['eval']['eval_student_nll']:.4f}", f"{m['top1_agreement']:.3f}",
-                     f"{r['step'] * 1e3:.0f} ms", f"{r['wall']:.0f} s"])
-    table(["student", "teacher", "exact match", "ROUGE-L", "held-out NLL (final eval)", "top-1 agr.",
-           "step (median)", "run wall"], rows)
+    for key, r in runs.items():
+        r.update(em=res[key]["exact_match"], rouge=res[key]["rouge_l"], top1=res[key]["top1_agreement"])
+
+    def spread(xs, fmt):
+        sd = f"{statistics.stdev(xs):{fmt.lstrip('+')}}" if len(xs) > 1 else ""
+        return f"{statistics.mean(xs):{fmt}}" + (f" +- {sd}" if sd else "")
+    seeds = range(args.seeds)
+    rows = [["teacher", "", f"{t['exact_match']:.3f}", f"{t['rouge_l']:.3f}", "", "", "", ""]]
     for method in ("GRKD", "forward KL"):
-        a, b = res[(method, "live")], res[(method, "cache")]
-        la, lb = runs[(method, "live")], runs[(method, "cache")]
-        print(f"{method}: cache - live: exact match {b['exact_match'] - a['exact_match']:+.3f}, NLL "
-              f"{lb['eval']['eval_student_nll'] - la['eval']['eval_student_nll']:+.4f}, step time x"
-              f"{lb['step'] / la['step']:.2f}")
+        for teacher in ("live", "cache"):
+            rs = [runs[(method, teacher, s)] for s in seeds]
+            rows.append([method, teacher] + [spread([r[m] for r in rs], f) for m, f in
+                                             (("em", ".3f"), ("rouge", ".3f"), ("nll", ".4f"), ("top1", ".3f"))]
+                        + [f"{statistics.median(r['step'] for r in rs) * 1e3:.0f} ms",
+                           f"{statistics.mean(r['wall'] for r in rs):.0f} s"])
+    table(["student", "teacher", "exact match", "ROUGE-L", "held-out NLL", "top-1 agr.", "step (median)",
+           "run wall (mean)"], rows)
+    print(f"mean +- standard deviation over {args.seeds} seeds (train.seed). Paired by seed, cache - live:")
+    for method in ("GRKD", "forward KL"):
+        d = {m: [runs[(method, "cache", s)][m] - runs[(method, "live", s)][m] for s in seeds] for m in ("em", "nll")}
+        ratio = statistics.median(runs[(method, "cache", s)]["step"] / runs[(method, "live", s)]["step"] for s in seeds)
+        print(f"  {method}: exact match {spread(d['em'], '+.3f')}, NLL {spread(d['nll'], '+.4f')}, step time x{ratio:.2f}")
     print()
 
 
@@ -299,12 +310,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, help="quality: train.steps of each student (default the recipe's)")
     ap.add_argument("--method", default="grkd", help="step section's loss (grkd, forward_kl, ...)")
     ap.add_argument("--k", type=int, default=64, help="cache k of step, build and quality")
+    ap.add_argument("--seeds", type=int, help="quality: student seeds per row (default 3, --quick 1)")
     ap.add_argument("--work", help="keep caches, shards, logs and runs here (default: a temporary dir, removed)")
     args = ap.parse_args()
     sections = [s for s in args.sections.split(",") if s] + (["quality"] if args.quality else [])
     if unknown := set(sections) - {"step", "bytes", "build", "quality"}:
         ap.error(f"unknown sections {sorted(unknown)}")
     args.reps = args.reps or (2 if args.quick else 5)
+    args.seeds = args.seeds or (1 if args.quick else 3)
     os.chdir(REPO)                    # the demo recipe's paths are relative to the repository
     work = Path(args.work or tempfile.mkdtemp(prefix="cache-bench-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
