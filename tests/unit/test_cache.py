@@ -1036,3 +1036,25 @@ def test_shard_items_from_the_data(n, each, rows):
         assert math.ceil(n / got) >= store.MIN_SHARDS
     # a function of the data alone: the same per-item counts in another order, the same shards
     assert tc.shard_items(auto, per[::-1].copy()) == got
+
+
+@pytest.mark.parametrize("cap", [None, 3.0])
+def test_top_rows_against_the_materialised_logits(cap):
+    """The writer's rows: Gemma-2's softcap applied, the vocabulary cut, the top-k in decreasing order less
+    the row's top logit, and the tail's log mass at the temperature, chunk by chunk as one."""
+    from kd.head import softcap
+    g = torch.Generator().manual_seed(11)
+    h, w = torch.randn(37, 8, generator=g), torch.randn(30, 8, generator=g) * 2
+    vocab, k, T = 27, 5, 2.0
+    ids, vals, tail = tc.top_rows(h, w, cap, vocab, k, T, chunk=8)
+    a = softcap((h @ w.T).double(), cap)[:, :vocab]
+    a = a - a.max(-1, keepdim=True).values
+    want_vals, want_ids = a.topk(k, dim=-1)
+    assert torch.equal(ids, want_ids)
+    torch.testing.assert_close(vals.double(), want_vals, rtol=0, atol=1e-5)
+    outside = torch.ones_like(a, dtype=torch.bool).scatter(-1, want_ids, False)
+    torch.testing.assert_close(tail.double(), torch.logsumexp((a / T).masked_fill(~outside, float("-inf")), -1),
+                               rtol=0, atol=1e-5)
+    assert (vals[:, 0] == 0).all() and (vals[:, :-1] >= vals[:, 1:]).all()
+    full = tc.top_rows(h, w, cap, vocab, vocab, T, chunk=8)[2]
+    assert torch.isinf(full).all()                                        # k = V: an empty tail
