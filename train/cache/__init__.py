@@ -20,10 +20,10 @@ the mass outside the top-k at the cache's temperature, ``-inf`` when k = V).
 from .writer import build, plan_text, top_rows
 from .fingerprint import (CacheError, counted, data_digest, distill_vocab, fingerprint, items, items_digest,
                           model_digest, tokenizer_digest)
-from .store import (FORMAT, MANIFEST, OFFSETS, SHARD_ROWS, TeacherCache, check_out, id_bits, pack_ids, prepare,
-                    row_bytes, shard_items, stored, unpack_ids, write_shard)
+from .store import (FORMAT, MANIFEST, OFFSETS, SHARD_ROWS, TeacherCache, check_out, finish, id_bits, pack_ids,
+                    prepare, row_bytes, shard_items, stored, unpack_ids, write_shard)
 
 __all__ = ["build", "top_rows", "CacheError", "counted", "data_digest", "distill_vocab", "fingerprint", "items",
            "items_digest", "model_digest", "tokenizer_digest", "FORMAT", "MANIFEST", "OFFSETS", "SHARD_ROWS",
-           "TeacherCache", "check_out", "id_bits", "pack_ids", "plan_text", "prepare", "row_bytes", "shard_items",
+           "TeacherCache", "check_out", "finish", "id_bits", "pack_ids", "plan_text", "prepare", "row_bytes", "shard_items",
            "stored", "unpack_ids", "write_shard"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from collections import OrderedDict
@@ -179,7 +178,7 @@ def prepare(out: Path, fp: dict, layout: dict, offsets: np.ndarray) -> bool:
     return False
 
 
-def complete(out: Path) -> dict:
+def finish(out: Path) -> dict:
     """Mark the cache complete once every shard is there (one process); its manifest."""
     m = _read_manifest(out)
     missing = [s for s in range(m["shards"]) if not (out / _shard_name(s)).exists()]

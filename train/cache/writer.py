@@ -19,7 +19,7 @@ from kd.head import softcap
 from .. import data
 from ..config import Config
 from .fingerprint import CacheError, counted, distill_vocab, fingerprint, items, items_digest
-from .store import _shard_name, complete, id_bits, prepare, row_bytes, shard_items, stored, write_shard
+from .store import _shard_name, finish, id_bits, prepare, row_bytes, shard_items, stored, write_shard
 
 
 def plan_text(cfg: Config, tokenizer, vocab: int) -> str:
@@ -173,7 +173,7 @@ def build(cfg: Config) -> None:
             blocks = []
     bar.close()
     dist.barrier()
-    m = _on_rank0(lambda: complete(out), device)
+    m = _on_rank0(lambda: finish(out), device)
     secs = time.perf_counter() - t0
     log(f"done: {left} tokens in {secs:.1f} s ({left / max(secs, 1e-9):.0f} tokens/s), "
         f"{m['bytes_per_token']:.1f} bytes per token on disk, {m['bytes'] / 1e9:.3f} GB in {out}")
