@@ -267,6 +267,29 @@ def agree(failure: BaseException | None, device) -> None:
                       "the inputs differ between nodes: check that every node sees the same files.")
 
 
+def join(cfg):
+    """This rank's start under any launcher: its GPU, the input checks (``preflight.check``, its failure
+    held back), the process group, then ``agree`` so that one rank's bad input stops them all.
+    Returns ``(plan, device)``."""
+    import torch
+
+    from . import parallel, preflight
+    me = discover()
+    if torch.cuda.is_available():               # the device of this node's rank, not of the global rank
+        torch.cuda.set_device(device_index(me))
+    plan, failure = None, None
+    try:                                        # every rank, before anything is written
+        plan = preflight.check(cfg, me.world)
+    except Exception as e:
+        if not is_user_error(e):
+            raise
+        failure = e
+    parallel.init_distributed()
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    agree(failure, device)
+    return plan, device
+
+
 def default_nproc() -> int:
     import torch
     return torch.cuda.device_count() if torch.cuda.is_available() else 2

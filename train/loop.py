@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 import kd
 from kd.reduce import IGNORE_INDEX, all_reduce_values
-from . import checkpoint, data, engines, evaluate, launch, parallel, preflight
+from . import checkpoint, data, engines, evaluate, launch, parallel
 from .cache import TeacherCache
 from .config import Config, dump_yaml
 from .rollout import Rollout
@@ -146,20 +146,8 @@ def train_step(models: engines.Engines, loader, rollout: Rollout, sp: parallel.S
 
 def run(cfg: Config) -> dict:
     """Train according to ``cfg``; returns the final evaluation (rank 0; {} elsewhere)."""
-    me = launch.discover()
-    if torch.cuda.is_available():               # the device of this node's rank, not of the global rank
-        torch.cuda.set_device(launch.device_index(me))
-    plan, failure = None, None
-    try:                                        # every rank, before anything is written
-        plan = preflight.check(cfg, me.world)
-    except Exception as e:
-        if not launch.is_user_error(e):
-            raise
-        failure = e
-    parallel.init_distributed()
+    plan, device = launch.join(cfg)             # checked inputs on every rank, one process group
     rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
-    launch.agree(failure, device)               # one rank's bad input stops them all
     sp = parallel.SequenceParallel(cfg.parallel.sequence)
     torch.manual_seed(cfg.train.seed)
     run_dir, ckpt_dir = cfg.run_dir, cfg.run_dir / "checkpoints"

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from deepspeed.utils import safe_get_full_grad
 
 import train.loop
+import train.preflight
 from train.cli import main
 from train.launch import exit_process
 
@@ -113,14 +114,14 @@ if os.environ.get("KD_TEST_MEMORY"):
     train.loop.engines.build, train.loop.train_step = build_and_measure, step_and_measure
 
 if os.environ.get("KD_TEST_MISSING_ON"):
-    original_check = train.loop.preflight.check
+    original_check = train.preflight.check
 
     def check_missing_here(cfg, nproc):
         if os.environ["RANK"] == os.environ["KD_TEST_MISSING_ON"]:
             raise FileNotFoundError(f"data.train={cfg.data.train}: no such file or directory (on this node)")
         return original_check(cfg, nproc)
 
-    train.loop.preflight.check = check_missing_here
+    train.preflight.check = check_missing_here
 
 if os.environ.get("KD_TEST_KILL_IN_SHARD"):
     import signal

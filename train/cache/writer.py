@@ -97,23 +97,11 @@ def _on_rank0(fn, device):
 
 def build(cfg: Config) -> None:
     """The ranks' side of ``mode=cache-teacher`` (every rank, under any launcher or kd-train's self-launch)."""
-    from .. import engines, launch, parallel, preflight
+    from .. import engines, launch, parallel
     from ..tokenizer import load_tokenizer
 
-    me = launch.discover()
-    if torch.cuda.is_available():
-        torch.cuda.set_device(launch.device_index(me))
-    failure = None
-    try:                                        # the checks kd-train's self-launch ran, under other launchers
-        preflight.check(cfg, me.world)
-    except Exception as e:
-        if not launch.is_user_error(e):
-            raise
-        failure = e
-    parallel.init_distributed()
+    _, device = launch.join(cfg)                # the checks kd-train's self-launch ran, under other launchers too
     rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    launch.agree(failure, device)
     sp = parallel.SequenceParallel(cfg.parallel.sequence)
     tokenizer = load_tokenizer(cfg.data.tokenizer or cfg.model.student)
     dataset = items(cfg, tokenizer)
