@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: demo demo-spread test test-unit test-dist test-launchers test-slurm test-two-nodes system-deps image-test lint-image bench clean
+.PHONY: demo demo-spread test test-unit test-dist test-launchers test-slurm test-two-nodes system-deps image-test lint-image bench leaderboard leaderboard-gsm8k clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -66,6 +66,14 @@ lint-image:
 bench: $(STAMP)
 	$(BIN)/python -m pip install -q -e '.[bench]'
 	$(BIN)/python benchmarks/loss_bench.py
+
+# every distillation method on the demo task, 3 seeds (~70 min on 2 cores), and the GSM8K study:
+# benchmarks/leaderboard/<task>/report.md and their sections of benchmarks/RESULTS.md
+leaderboard: $(STAMP)
+	$(BIN)/python benchmarks/quality.py
+
+leaderboard-gsm8k: $(STAMP)
+	$(BIN)/python benchmarks/quality.py --task gsm8k
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

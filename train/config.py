@@ -63,7 +63,7 @@ _DTYPE_ALIASES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float3
 
 @dataclass(kw_only=True)
 class ModelConfig:
-    # HF model dir, a preset name of train.models.PRESETS (demo-student, demo-teacher) or a
+    # HF model dir, a preset name of train.models.PRESETS (demo-student, demo-student-wide, demo-teacher) or a
     # config.json path (random init)
     student: str
     teacher: str | None = None                  # same forms; None only for loss.method == "sft"
@@ -505,7 +505,7 @@ def config_from_dict(tree: dict, overrides: list[str] | tuple[str, ...] = (),
 def _build(layers: _Layers, origin: str) -> Config:
     for key in _REQUIRED:
         if key not in layers.values:
-            what = ("an HF model directory, a preset (demo-student, demo-teacher) or a config.json path"
+            what = ("an HF model directory, a preset (demo-student, demo-student-wide, demo-teacher) or a config.json path"
                     if key == "model.student" else "the path of the training JSONL file")
             raise ConfigError(f"Missing required setting {key}: {origin} has no value for it and there is "
                               f"no default. Expected {what}; set it in the recipe or pass {key}=... on the "

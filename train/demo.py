@@ -92,10 +92,11 @@ def _kd_train(recipe: str, overrides: list[str]) -> None:
 
 
 def compare(models: dict, eval_path: Path, tokenizer_path: Path, n: int, max_new_tokens: int,
-            k: int = 5, chat_template: str = "auto") -> dict[str, dict]:
+            k: int = 5, chat_template: str = "auto", correct=None) -> dict[str, dict]:
     """One process: greedy exact match and ROUGE-L, held-out NLL, and OR@k / CR@k against the
     first model (the teacher), each on the same held-out records. ``models``: a name (any key) ->
-    HF directory; the results come back under the same keys."""
+    HF directory; the results come back under the same keys. ``correct(answer, reference)``: what
+    counts as an exact match (default: the same text up to whitespace)."""
     from transformers import AutoModelForCausalLM
 
     import kd
@@ -104,6 +105,7 @@ def compare(models: dict, eval_path: Path, tokenizer_path: Path, n: int, max_new
     from .evaluate import greedy_answers, rouge_l
     from .tokenizer import load_tokenizer
 
+    correct = correct or exact_match
     tok = load_tokenizer(tokenizer_path)
     examples = [to_example(r, tok, chat_template=chat_template) for r in load_records(eval_path, limit=n)]
     prompts = [encode_prompt(ex, tok) for ex in examples]
@@ -120,7 +122,7 @@ def compare(models: dict, eval_path: Path, tokenizer_path: Path, n: int, max_new
             logits = model(input_ids=ids, attention_mask=mask).logits
         nll, _ = kd.distill_loss(logits, None, labels, method="sft")
         answers = greedy_answers(model, tok, prompts, max_new_tokens)
-        r = {"exact_match": sum(exact_match(a, ex.response) for a, ex in zip(answers, examples)) / len(examples),
+        r = {"exact_match": sum(correct(a, ex.response) for a, ex in zip(answers, examples)) / len(examples),
              "rouge_l": sum(rouge_l(a, ex.response) for a, ex in zip(answers, examples)) / len(examples),
              "nll": float(nll)}
         if teacher_logits is None:

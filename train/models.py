@@ -21,6 +21,11 @@ PRESETS = {
     "demo-student": dict(model_type="llama", hidden_size=96, intermediate_size=256, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                          rope_theta=10000.0, tie_word_embeddings=False),
+    # the leaderboard's student (benchmarks/quality.py): twice as wide, so that it gets within reach of
+    # the demo teacher in 300 steps and the methods differ by more than seed noise
+    "demo-student-wide": dict(model_type="llama", hidden_size=192, intermediate_size=512, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                              rope_theta=10000.0, tie_word_embeddings=False),
 }
 
 
