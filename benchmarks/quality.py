@@ -89,7 +89,7 @@ METHODS = {
     # MiniLLM's objective (reverse KL on the student's own samples) without its policy gradient
     "on-policy reverse KL": Method(_loss("reverse_kl") + ("onpolicy.fraction=1.0",), "live", "demo_gkd.yaml"),
     "DistiLLM": Method(("train.eval_every=20",), "live", "demo_distillm.yaml"),   # its phi moves at evaluations
-    "class KD": Method(("model.classmate=demo-student-wide",), "live", "demo_classkd.yaml"),   # the student's size
+    "class KD": Method((), "live", "demo_classkd.yaml"),
 }
 ONPOLICY = [m for m, spec in METHODS.items() if spec.recipe]
 QUICK_METHODS = ["SFT", BASELINE]
@@ -200,23 +200,45 @@ def slug(label: str) -> str:
     return re.sub(r"[^a-z0-9.]+", "-", label.lower()).strip("-")
 
 
+def row(task: Task, method: str, student: str, cache: Path | None, extra: list[str]) -> tuple[Path, list[str]]:
+    """The recipe and overrides of one method's runs (the seed and run name come on top)."""
+    from train.config import load_config
+    spec = METHODS[method]
+    recipe = RECIPES / spec.recipe if spec.recipe else task.base
+    teacher = [f"model.teacher=cache:{cache}"] if task.source(method) == "cache" else []
+    # class KD's classmate has the student's architecture (the recipe names the demo's student)
+    classmate = [f"model.classmate={student}"] if load_config(str(recipe), []).model.classmate else []
+    return recipe, [*task.common, *(task.onpolicy if spec.recipe else []), *spec.overrides, *classmate, *teacher,
+                    *extra]
+
+
 def train_all(task: Task, seeds: list[int], runs: Path, extra: list[str]) -> dict:
     """(method, seed) -> run directory; each run once (resume=auto reuses a finished one)."""
+    from train.config import load_config
     cache = build_cache(task, runs, extra) if any(task.source(m) == "cache" for m in task.methods) else None
+    student = load_config(str(task.base), [*task.common, *extra]).model.student
     out = {}
     for seed in seeds:
         for m in task.methods:
-            spec, name = METHODS[m], f"{slug(m)}-s{seed}"
-            recipe = RECIPES / spec.recipe if spec.recipe else task.base
-            teacher = [f"model.teacher=cache:{cache}"] if task.source(m) == "cache" else []
-            overrides = [*task.common, *(task.onpolicy if spec.recipe else []), *spec.overrides, *teacher, *extra,
-                         f"run_name={name}", f"output_dir={runs}", f"train.seed={seed}"]
+            name = f"{slug(m)}-s{seed}"
+            recipe, overrides = row(task, m, student, cache, extra)
+            overrides += [f"run_name={name}", f"output_dir={runs}", f"train.seed={seed}"]
             if same_run(runs / name, {"recipe": str(recipe), "overrides": overrides}):
                 log(f"{name}: finished earlier with these settings, reused")
             else:
-                kd_train(recipe, [*overrides, "resume=auto"], runs / "logs" / f"{name}.log")
+                kd_train(recipe, [*overrides, resume_or_restart(runs / name)], runs / "logs" / f"{name}.log")
             out[(m, seed)] = runs / name
     return out
+
+
+def resume_or_restart(run: Path) -> str:
+    """An interrupted run continues from its newest complete checkpoint; one stopped before its first
+    save starts again, kd-train moving its partial outputs aside (kept, not deleted)."""
+    from train import checkpoint
+    if checkpoint.run_outputs(run) and not checkpoint.complete_tags(run / "checkpoints"):
+        log(f"{run.name}: stopped before its first checkpoint; started again (its outputs are moved aside)")
+        return "overwrite=true"
+    return "resume=auto"
 
 
 def same_run(run: Path, spec: dict) -> bool:
@@ -400,7 +422,7 @@ def claims(table: dict, seeds: list[int]) -> list[str]:
             f"{m[5:]} {fmt(table[m]['exact_match'])}" for m in ts) + f"; best {best[5:]}, the others against it: "
             + ", ".join(f"{m[5:]} {fmt_diff(d)}" for m, d in ds.items()) + ". Verdict: " +
             ("the transition point matters here" if any(d[2] is not None and d[2] < 0.05 for d in ds.values())
-             else "no transition point is distinguishable from the others at this scale") + ".")
+             else "no transition point is distinguished from the others at this scale (nor shown equal)") + ".")
     if has("RLKD", BASELINE):
         base = table["RLKD"].get("time_vs", BASELINE)             # forward KL with the live teacher, as RLKD's
         cr, orr = (rel(table, "RLKD", base, f"{x}@{K}") for x in ("consistency", "overlap"))

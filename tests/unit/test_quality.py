@@ -115,8 +115,13 @@ def test_every_method_is_a_valid_run(method):
     if spec.teacher == "cache":
         check_objective(kd.build_objective(cfg.loss.method, 0.0, **cfg.loss.objective_kwargs()), 395,
                         cfg.loss.temperature, cfg.loss.metrics_k)
-    if method == "class KD":
-        assert cfg.model.classmate == cfg.model.student       # the classmate is the student's size
+    # the row as the study runs it: class KD's classmate takes the task's student, nothing else gets one
+    task = quality.Task("demo", quality.RECIPES / "demo.yaml", ["model.student=demo-student-wide"], [], [method])
+    recipe, overrides = quality.row(task, method, "demo-student-wide", Path("/c"), ["train.steps=5"])
+    cfg = load_config(str(recipe), overrides)
+    assert cfg.model.classmate == ("demo-student-wide" if method == "class KD" else None)
+    assert cfg.model.student == "demo-student-wide" and cfg.train.steps == 5
+    assert (cfg.model.teacher == "cache:/c") == (spec.teacher == "cache")
 
 
 def test_publish_replaces_its_section_only(tmp_path, monkeypatch):
