@@ -365,9 +365,9 @@ def fmt_diff(d, digits=3) -> str:
     return f"{mean:+.{digits}f} +- {sd:.{digits}f} ({shown}{'' if p < 0.05 else ', noise'})"
 
 
-def board(table: dict, teacher: dict) -> list[str]:
-    lines = ["| method | teacher | exact match | ROUGE-L | held-out NLL | OR@5 | CR@5 | step | time vs FKL "
-             "| exact match - FKL (paired) | NLL - FKL (paired) |", "|---" * 11 + "|",
+def board(table: dict, teacher: dict, correct: str = "exact match") -> list[str]:
+    lines = [f"| method | teacher | {correct} | ROUGE-L | held-out NLL | OR@5 | CR@5 | step | time vs FKL "
+             f"| {correct} - FKL (paired) | NLL - FKL (paired) |", "|---" * 11 + "|",
              f"| teacher | - | {teacher['exact_match']:.3f} | {teacher['rouge_l']:.3f} | {teacher['nll']:.3f} "
              "| - | - | - | - | - | - |"]
     for m, r in table.items():
@@ -385,9 +385,10 @@ def rel(table: dict, a: str, b: str, key: str) -> float:
     return table[a][key][0] / table[b][key][0] - 1 if table[b][key][0] else math.inf
 
 
-def claims(table: dict, seeds: list[int]) -> list[str]:
+def claims(table: dict, seeds: list[int], accuracy_ok: bool = True) -> list[str]:
     """The seeds' claims, each with its numbers and a verdict (the paired test over seeds decides
-    "within noise")."""
+    "within noise"). ``accuracy_ok`` False (no model answers): the accuracy claims are untestable, and
+    their rows are compared on held-out NLL and OR@k instead."""
     def has(*ms):
         return all(m in table for m in ms)
 
@@ -401,11 +402,17 @@ def claims(table: dict, seeds: list[int]) -> list[str]:
             return "within noise: not shown"
         return "holds" if gain >= want else "does not hold (the difference goes the other way)" if gain < 0 else \
             "direction holds, smaller than claimed"
+
+    def instead(a: str, b: str) -> str:
+        return (f"untestable on answer accuracy here (no model answers); on held-out NLL {a} - {b} = "
+                f"{fmt_diff(test(a, b, 'nll'))}, on OR@{K} {fmt_diff(test(a, b, f'overlap@{K}'))}")
     out = []
     grkd = "GRKD t=0.5"
+    if not accuracy_ok and has(grkd, BASELINE):
+        out.append(f"- **GRKD beats standard and preference-based distillation (~+9%)**: {instead(grkd, BASELINE)}.")
     others = [m for m in ("forward KL", "reverse KL", "JSD(0.5)", "skew KL(0.1)", "skew reverse KL(0.1)", "TVD",
                           "group relative alone", "RLKD") if m in table]
-    if has(grkd) and others:
+    if accuracy_ok and has(grkd) and others:
         gains = {m: rel(table, grkd, m, "exact_match") for m in others}
         best = max(others, key=lambda m: table[m]["exact_match"][0])
         d = test(grkd, best, "exact_match")
@@ -435,8 +442,11 @@ def claims(table: dict, seeds: list[int]) -> list[str]:
                    f"{'-' if t is None else f'{t:.2f}x'} {table['RLKD'].get('time_vs', '')}. Verdict: CR@5 "
                    f"{verdict(cr, dcr[2], 0.30)}; OR@5 {verdict(orr, dor[2], 0.50)}; time "
                    f"{'-' if t is None else 'holds' if t <= 1.05 else f'does not hold ({t - 1:+.0%})'}.")
-    if "class KD" in table:
-        rivals = [m for m in ("DistiLLM", "GKD", "on-policy reverse KL") if m in table]
+    rivals = [m for m in ("DistiLLM", "GKD", "on-policy reverse KL") if m in table]
+    if not accuracy_ok and "class KD" in table and rivals:
+        out.append("- **Class KD edges out DistiLLM, GKD and MiniLLM**: " + "; ".join(
+            f"vs {m}: {instead('class KD', m)}" for m in rivals) + ".")
+    elif "class KD" in table and rivals:
         ds = {m: test("class KD", m, "exact_match") for m in rivals}
         out.append(f"- **Class KD edges out DistiLLM, GKD and MiniLLM**: class KD exact match "
                    f"{fmt(table['class KD']['exact_match'])}; " + "; ".join(
@@ -458,7 +468,8 @@ def plots(task: Task, table: dict, teacher: dict, out: Path) -> None:
         if key in teacher:
             ax.axvline(teacher[key], color="k", ls="--", lw=1, label="teacher")
             ax.legend(loc="lower right")
-        ax.set_title(METRICS[key] + " (mean +- sd over seeds)")
+        label = "answer accuracy" if key == "exact_match" and task.correct is gsm8k_correct else METRICS[key]
+        ax.set_title(label + " (mean +- sd over seeds)")
         ax.grid(axis="x", alpha=0.3)
     axes[0].invert_yaxis()
     fig.suptitle(f"Leaderboard, {task.name} task")
@@ -505,11 +516,12 @@ def write(task: Task, args, table: dict, teacher: dict, out: Path, n_eval: int, 
             "values are not corrected for the number of rows compared: a p just under 0.05 is weak evidence, and "
             "\"noise\" means not shown, not shown equal. Off-policy rows train on the same tokens (per-seed table); "
             "on-policy rows on the same number of sequences, partly their own samples.", ""]
-    if task.correct is gsm8k_correct and teacher["exact_match"] < 0.05:
+    accuracy_ok = not (task.correct is gsm8k_correct and teacher["exact_match"] < 0.05)
+    if not accuracy_ok:
         head += [f"**The teacher answers {teacher['exact_match']:.1%} of the test questions**: at this scale answer "
                  "accuracy separates nothing; read the NLL and alignment columns.", ""]
-    found = claims(table, seeds) or ["- (none of the claims' rows were run)"]
-    lines = head + board(table, teacher) + ["", "Claims of the seeds, tested:", ""] + found
+    found = claims(table, seeds, accuracy_ok) or ["- (none of the claims' rows were run)"]
+    lines = head + board(table, teacher, "answer accuracy" if task.correct is gsm8k_correct else "exact match") + ["", "Claims of the seeds, tested:", ""] + found
     per_seed = ["| method | seed | exact match | ROUGE-L | NLL | OR@5 | CR@5 | tokens |", "|---" * 8 + "|"]
     for m, r in table.items():
         for s, f in r["seeds"].items():

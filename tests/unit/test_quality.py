@@ -93,6 +93,12 @@ def test_claims_verdicts(tmp_path):
     assert "CR@5 within noise" in rlkd and "time holds" in rlkd and "1.01x forward KL (live teacher)" in rlkd
     assert "vs GKD" in classkd and "does not hold" in classkd
     assert "Transition" not in text                    # its rows were not run: no verdict
+    # no model answers (GSM8K at this scale): the accuracy claims are untestable, their rows compared on NLL
+    grkd, rlkd_, classkd = quality.claims(table, seeds, accuracy_ok=False)
+    assert "untestable on answer accuracy" in grkd and "on held-out NLL GRKD t=0.5 - forward KL" in grkd
+    assert rlkd_ == rlkd and "vs GKD: untestable" in classkd
+    del table["GKD"]                                    # class KD without a rival: no claim line at all
+    assert not any("Class KD" in line for line in quality.claims(table, seeds))
     # significant but below the claimed +9%: the direction holds, the size does not
     (tmp_path / "small").mkdir()
     table, seeds = _table(tmp_path / "small", {
