@@ -36,6 +36,8 @@ the full study also replaces its section of benchmarks/RESULTS.md. Runs are kept
 from __future__ import annotations
 
 import argparse
+import hashlib
+import inspect
 import json
 import math
 import os
@@ -175,7 +177,8 @@ def make_task(args, runs: Path) -> Task:
     recipe = RECIPES / "demo_teacher.yaml"
     spec = [*data, f"run_name={teacher.name}", f"output_dir={runs}", "train.steps=300", "train.micro_batch=8"]
     if not same_run(teacher, {"recipe": str(recipe), "overrides": spec}):
-        kd_train(recipe, [*spec, "resume=auto"], runs / "logs" / "teacher.log")
+        kd_train(recipe, [*spec, resume_or_restart(teacher)], runs / "logs" / "teacher.log")
+        record(teacher, {"recipe": str(recipe), "overrides": spec})
     common = [*data, f"model.teacher={teacher / 'student-hf'}", "model.student=demo-student", "train.micro_batch=8",
               "train.steps=200", "train.eval_every=50"]
     # live teacher: a k = V fp32 cache of GSM8K's 1.5M tokens would take ~16 GB, and a k = 64 one is lossy
@@ -200,6 +203,20 @@ def slug(label: str) -> str:
     return re.sub(r"[^a-z0-9.]+", "-", label.lower()).strip("-")
 
 
+def check_teacher(runs: Path, teacher: str | None) -> None:
+    """The runs in ``runs`` were all taught by one teacher: a teacher retrained at the same path since
+    (its weights' digest differs) stops the study instead of mixing old runs with the new teacher."""
+    from train.cache.fingerprint import model_digest
+    if teacher is None:
+        return
+    f, digest = runs / "teacher-digest.json", model_digest(teacher)
+    if f.exists() and json.loads(f.read_text())["digest"] != digest:
+        sys.exit(f"the teacher {teacher} changed since the runs in {runs} were made ({f}); move that folder aside "
+                 "or give another --runs folder")
+    runs.mkdir(parents=True, exist_ok=True)
+    f.write_text(json.dumps({"teacher": teacher, "digest": digest}))
+
+
 def row(task: Task, method: str, student: str, cache: Path | None, extra: list[str]) -> tuple[Path, list[str]]:
     """The recipe and overrides of one method's runs (the seed and run name come on top)."""
     from train.config import load_config
@@ -216,46 +233,57 @@ def train_all(task: Task, seeds: list[int], runs: Path, extra: list[str]) -> dic
     """(method, seed) -> run directory; each run once (resume=auto reuses a finished one)."""
     from train.config import load_config
     cache = build_cache(task, runs, extra) if any(task.source(m) == "cache" for m in task.methods) else None
-    student = load_config(str(task.base), [*task.common, *extra]).model.student
+    cfg = load_config(str(task.base), [*task.common, *extra])
+    student = cfg.model.student
+    check_teacher(runs, cfg.model.teacher)
     out = {}
     for seed in seeds:
         for m in task.methods:
             name = f"{slug(m)}-s{seed}"
             recipe, overrides = row(task, m, student, cache, extra)
             overrides += [f"run_name={name}", f"output_dir={runs}", f"train.seed={seed}"]
-            if same_run(runs / name, {"recipe": str(recipe), "overrides": overrides}):
+            spec = {"recipe": str(recipe), "overrides": overrides}
+            if same_run(runs / name, spec):
                 log(f"{name}: finished earlier with these settings, reused")
             else:
                 kd_train(recipe, [*overrides, resume_or_restart(runs / name)], runs / "logs" / f"{name}.log")
+                record(runs / name, spec)
             out[(m, seed)] = runs / name
     return out
 
 
 def resume_or_restart(run: Path) -> str:
-    """An interrupted run continues from its newest complete checkpoint; one stopped before its first
-    save starts again, kd-train moving its partial outputs aside (kept, not deleted)."""
+    """An interrupted run continues from its newest usable checkpoint; one stopped before its first
+    (or with only damaged ones) starts again, kd-train moving its outputs aside (kept, not deleted)."""
     from train import checkpoint
-    if checkpoint.run_outputs(run) and not checkpoint.complete_tags(run / "checkpoints"):
-        log(f"{run.name}: stopped before its first checkpoint; started again (its outputs are moved aside)")
+    if checkpoint.run_outputs(run) and checkpoint.find("auto", run / "checkpoints", warn=lambda *_: None) is None:
+        log(f"{run.name}: no usable checkpoint; started again (its outputs are moved aside)")
         return "overwrite=true"
     return "resume=auto"
 
 
 def same_run(run: Path, spec: dict) -> bool:
     """Whether ``run`` already finished with these settings (recipe and every override, recorded beside
-    it); an interrupted one is continued (resume=auto), and one made with other settings stops the
-    study rather than being reused or overwritten."""
+    it); an interrupted one is continued (resume=auto). A run made with other settings, or one with
+    outputs and no record, stops the study rather than being reused or overwritten."""
     import yaml
 
+    from train import checkpoint
     from train.evaluate import exported_step
     f = run / SPEC
-    if f.exists() and json.loads(f.read_text()) != spec:
-        sys.exit(f"{run} was trained with other settings than this study's ({f}); move or delete it, or give "
-                 "another --runs folder")
-    run.mkdir(parents=True, exist_ok=True)
-    f.write_text(json.dumps(spec, indent=1))
+    trained = bool(checkpoint.run_outputs(run))
+    if trained and (not f.exists() or json.loads(f.read_text()) != spec):
+        sys.exit(f"{run} was trained with other settings than this study's, or by something else ({f} "
+                 f"{'differs' if f.exists() else 'missing'}); move or delete it, or give another --runs folder")
+    record(run, spec)
     return (run / "config.yaml").exists() and \
         exported_step(run / "student-hf") == yaml.safe_load((run / "config.yaml").read_text())["train"]["steps"]
+
+
+def record(run: Path, spec: dict) -> None:
+    """The settings beside the run (again after kd-train: overwrite=true moves the folder's files aside)."""
+    run.mkdir(parents=True, exist_ok=True)
+    (run / SPEC).write_text(json.dumps(spec, indent=1))
 
 
 def run_figures(run: Path) -> dict:
@@ -267,6 +295,7 @@ def run_figures(run: Path) -> dict:
     evals = [r for r in rows if r.get("kind") == "eval"]
     return {"step_s": statistics.mean(r["tokens_in"] / r["tokens_per_s"] for r in timed),
             "tokens": sum(r["tokens"] for r in steps), "steps": len(steps),
+            "phi": max((r.get("phi", 0.0) for r in steps), default=0.0),
             "curve": [(r["step"], r["eval_student_nll"], r.get(f"eval_overlap@{K}")) for r in evals]}
 
 
@@ -275,12 +304,15 @@ def evaluate(task: Task, runs: dict, cfg, n_eval: int) -> tuple[dict, dict]:
     run (``leaderboard-eval.json``, keyed by the export's step and the prompts) and reused."""
     from transformers.utils.logging import disable_progress_bar
 
+    from train.cache.fingerprint import model_digest
     from train.demo import compare
+    from train.demo_task import exact_match
     from train.evaluate import exported_step
     disable_progress_bar()
     key = {"n_eval": n_eval, "eval": str(cfg.data.eval), "teacher": str(cfg.model.teacher), "k": K,
            "tokenizer": str(cfg.data.tokenizer), "max_new_tokens": cfg.data.max_new_tokens,
-           "chat_template": cfg.data.chat_template, "correct": getattr(task.correct, "__name__", "exact text")}
+           "chat_template": cfg.data.chat_template, "teacher_digest": model_digest(str(cfg.model.teacher)),
+           "correct": hashlib.sha256(inspect.getsource(task.correct or exact_match).encode()).hexdigest()}
 
     def run_key(run: Path) -> dict:
         return {**key, "step": exported_step(run / "student-hf"), "run": json.loads((run / SPEC).read_text())}
@@ -382,7 +414,12 @@ def board(table: dict, teacher: dict, correct: str = "exact match") -> list[str]
 
 
 def rel(table: dict, a: str, b: str, key: str) -> float:
-    return table[a][key][0] / table[b][key][0] - 1 if table[b][key][0] else math.inf
+    """a's mean relative to b's (nan when b's is 0: no relative figure)."""
+    return table[a][key][0] / table[b][key][0] - 1 if table[b][key][0] else math.nan
+
+
+def pct(x: float) -> str:
+    return f"{x:+.0%}" if math.isfinite(x) else "n/a"
 
 
 def claims(table: dict, seeds: list[int], accuracy_ok: bool = True) -> list[str]:
@@ -398,13 +435,15 @@ def claims(table: dict, seeds: list[int], accuracy_ok: bool = True) -> list[str]
     def verdict(gain: float, p: float | None, want: float = 0.0) -> str:
         if p is None:
             return "untested (one seed, or no spread)"
+        if not math.isfinite(gain):
+            return "no relative figure (the baseline is 0)"
         if p >= 0.05:
             return "within noise: not shown"
         return "holds" if gain >= want else "does not hold (the difference goes the other way)" if gain < 0 else \
             "direction holds, smaller than claimed"
 
     def instead(a: str, b: str) -> str:
-        return (f"untestable on answer accuracy here (no model answers); on held-out NLL {a} - {b} = "
+        return (f"untestable on answer accuracy here (the teacher answers under 5%); on held-out NLL {a} - {b} = "
                 f"{fmt_diff(test(a, b, 'nll'))}, on OR@{K} {fmt_diff(test(a, b, f'overlap@{K}'))}")
     out = []
     grkd = "GRKD t=0.5"
@@ -418,11 +457,11 @@ def claims(table: dict, seeds: list[int], accuracy_ok: bool = True) -> list[str]
         d = test(grkd, best, "exact_match")
         over_best = rel(table, grkd, best, "exact_match")
         out.append(f"- **GRKD beats standard and preference-based distillation (~+9%)**: GRKD (t = 0.5) exact match "
-                   f"{fmt(table[grkd]['exact_match'])}; relative to " + ", ".join(f"{m} {g:+.0%}" for m, g in gains.items())
-                   + f" (mean {statistics.mean(gains.values()):+.0%}). Against the best of them ({best}): "
-                   f"{fmt_diff(d)} ({over_best:+.0%}). Verdict: {verdict(over_best, d[2], 0.09)}.")
+                   f"{fmt(table[grkd]['exact_match'])}; relative to " + ", ".join(f"{m} {pct(g)}" for m, g in gains.items())
+                   + f" (mean {pct(statistics.mean(gains.values()))}). Against the best of them ({best}): "
+                   f"{fmt_diff(d)} ({pct(over_best)}). Verdict: {verdict(over_best, d[2], 0.09)}.")
     ts = [f"GRKD t={t}" for t in (0.25, 0.5, 0.75)]
-    if has(*ts):
+    if accuracy_ok and has(*ts):
         best = max(ts, key=lambda m: table[m]["exact_match"][0])
         ds = {m: test(m, best, "exact_match") for m in ts if m != best}
         out.append("- **Transition point (the seed calls 0.5 arbitrary)**: exact match " + ", ".join(
@@ -437,8 +476,8 @@ def claims(table: dict, seeds: list[int], accuracy_ok: bool = True) -> list[str]
         t = table["RLKD"].get("time_ratio")
         out.append(f"- **RLKD raises CR@k by 30-95% and OR@k by 50-120% for ~1% more time**: CR@5 "
                    f"{fmt(table['RLKD'][f'consistency@{K}'])} vs {base} {fmt(table[base][f'consistency@{K}'])} "
-                   f"({cr:+.0%}, {fmt_diff(dcr)}); OR@5 {fmt(table['RLKD'][f'overlap@{K}'])} vs "
-                   f"{fmt(table[base][f'overlap@{K}'])} ({orr:+.0%}, {fmt_diff(dor)}); step time "
+                   f"({pct(cr)}, {fmt_diff(dcr)}); OR@5 {fmt(table['RLKD'][f'overlap@{K}'])} vs "
+                   f"{fmt(table[base][f'overlap@{K}'])} ({pct(orr)}, {fmt_diff(dor)}); step time "
                    f"{'-' if t is None else f'{t:.2f}x'} {table['RLKD'].get('time_vs', '')}. Verdict: CR@5 "
                    f"{verdict(cr, dcr[2], 0.30)}; OR@5 {verdict(orr, dor[2], 0.50)}; time "
                    f"{'-' if t is None else 'holds' if t <= 1.05 else f'does not hold ({t - 1:+.0%})'}.")
@@ -510,12 +549,18 @@ def write(task: Task, args, table: dict, teacher: dict, out: Path, n_eval: int, 
             f"{'answer accuracy (the number after ####)' if task.name == 'gsm8k' else 'exact match'} and ROUGE-L "
             f"from greedy decoding, NLL of the held-out references, OR@{K} / CR@{K} with the teacher on them. "
             "Mean +- standard deviation over seeds. Step: mean training step (on-policy rows: with their sampling); "
-            "time vs FKL: against forward KL with the same teacher source (cache or live). The last two columns: "
+            "time vs FKL: against forward KL with the same teacher source (cache or live; SFT: the live one). "
+            "The last two columns: "
             "the paired difference from forward KL over seeds and the paired t-test's p (noise: p >= 0.05). "
             f"With {len(seeds)} seeds the test has {len(seeds) - 1} degrees of freedom and little power, and the p "
             "values are not corrected for the number of rows compared: a p just under 0.05 is weak evidence, and "
             "\"noise\" means not shown, not shown equal. Off-policy rows train on the same tokens (per-seed table); "
             "on-policy rows on the same number of sequences, partly their own samples.", ""]
+    if "DistiLLM" in table:         # its schedule reads the NLL of the same held-out prompts the board scores
+        phi = max(r["phi"] for r in table["DistiLLM"]["seeds"].values())
+        head += [f"DistiLLM's threshold phi follows the NLL on the held-out prompts this board scores (its recipe's "
+                 f"val_metric); it reached at most {phi:.1f} here" + (" (it never left the dataset's responses)."
+                                                                    if phi == 0 else "."), ""]
     accuracy_ok = not (task.correct is gsm8k_correct and teacher["exact_match"] < 0.05)
     if not accuracy_ok:
         head += [f"**The teacher answers {teacher['exact_match']:.1%} of the test questions**: at this scale answer "
@@ -569,7 +614,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more overrides of every run")
     ap.add_argument("--quick", action="store_true", help="one seed, 20 steps, SFT and forward KL, 16 prompts")
     ap.add_argument("--out", help="report folder (default benchmarks/leaderboard/<task>)")
-    ap.add_argument("--runs", help="run folder (default runs/leaderboard/<task>)")
+    ap.add_argument("--runs", help="run folder (default runs/leaderboard/<task>; a study that is not published: "
+                    "<--out>/runs)")
     args = ap.parse_args(argv)
     args.argv = list(argv if argv is not None else sys.argv[1:])
     name = "recipe" if args.recipe else args.task
@@ -587,7 +633,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown methods {unknown}; known: {', '.join(METHODS)}")
     extra = list(args.set)
     if args.quick:
-        extra += ["train.steps=20", "train.eval_every=10", "data.eval_samples=16"]
+        extra += [f"train.steps={args.steps or 20}", "train.eval_every=10", "data.eval_samples=16"]
     elif args.steps:
         extra.append(f"train.steps={args.steps}")
     # only the full study with its defaults is published (report folder and RESULTS.md); any other goes to --out
@@ -596,7 +642,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("a study other than the default full one (--methods, --seeds, --steps, --set, --recipe) is not "
                  "published: give its report folder with --out DIR")
     out = Path(args.out or REPO / "benchmarks" / "leaderboard" / name).resolve()
-    runs_dir = Path(args.runs or REPO / "runs" / "leaderboard" / name).resolve()
+    # an unpublished study keeps its runs beside its report: they never block the published one's
+    runs_dir = Path(args.runs or (REPO / "runs" / "leaderboard" / name if args.publish else out / "runs")).resolve()
     os.chdir(REPO)                      # the demo recipes' paths are relative to the repository
     from train.demo import pin_kernels
     pin_kernels()

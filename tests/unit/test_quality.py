@@ -117,7 +117,8 @@ def test_every_method_is_a_valid_run(method):
     spec = quality.METHODS[method]
     recipe = quality.RECIPES / (spec.recipe or "demo.yaml")
     cfg = load_config(str(recipe), ["model.student=demo-student-wide", *spec.overrides])
-    assert cfg.loss.method == ({"SFT": "sft"}.get(method) or cfg.loss.method)
+    named = [o.split("=", 1)[1] for o in spec.overrides if o.startswith("loss.method=")]
+    assert cfg.loss.method == (named[0] if named else load_config(str(recipe), []).loss.method)
     if spec.teacher == "cache":
         check_objective(kd.build_objective(cfg.loss.method, 0.0, **cfg.loss.objective_kwargs()), 395,
                         cfg.loss.temperature, cfg.loss.metrics_k)
@@ -154,3 +155,35 @@ def test_plots_with_one_seed(tmp_path):
         row["seeds"] = {0: row["seeds"][0]}
     quality.plots(quality.Task("t", Path("x"), [], [], list(table)), table, {"exact_match": 0.5, "nll": 0.3}, tmp_path)
     assert (tmp_path / "bar.png").stat().st_size > 1000 and (tmp_path / "curves.png").stat().st_size > 1000
+
+
+def test_runs_are_reused_only_when_made_with_the_same_settings(tmp_path):
+    run, spec = tmp_path / "r", {"recipe": "demo.yaml", "overrides": ["train.steps=4"]}
+    assert quality.same_run(run, spec) is False and json.loads((run / quality.SPEC).read_text()) == spec
+    assert quality.same_run(run, {**spec, "overrides": ["train.steps=5"]}) is False   # nothing trained yet
+    (run / "metrics.jsonl").write_text("{}\n")                                       # a run started ...
+    with pytest.raises(SystemExit, match="other settings"):
+        quality.same_run(run, spec)                                                   # ... with steps=5
+    quality.record(run, spec)
+    assert quality.same_run(run, spec) is False                                       # not finished
+    (run / "config.yaml").write_text("train:\n  steps: 4\n")
+    (run / "student-hf").mkdir()
+    (run / "student-hf" / "kd_export.json").write_text(json.dumps({"step": 4}))
+    assert quality.same_run(run, spec) is True                                        # finished: reused
+    (run / quality.SPEC).unlink()
+    with pytest.raises(SystemExit, match="missing"):                                  # outputs, no record
+        quality.same_run(run, spec)
+
+
+def test_resume_or_restart(tmp_path):
+    run = tmp_path / "r"
+    assert quality.resume_or_restart(run) == "resume=auto"                            # nothing there: fresh
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("{}\n")
+    assert quality.resume_or_restart(run) == "overwrite=true"                         # killed before a save
+
+
+def test_relative_figures_from_a_zero_base():
+    table = {"a": {"exact_match": (0.0, 0.0)}, "b": {"exact_match": (0.0, 0.0)}, "c": {"exact_match": (0.1, 0.0)}}
+    assert quality.pct(quality.rel(table, "a", "b", "exact_match")) == "n/a"
+    assert quality.pct(quality.rel(table, "c", "c", "exact_match")) == "+0%"
