@@ -67,7 +67,7 @@ bench: $(STAMP)
 	$(BIN)/python -m pip install -q -e '.[bench]'
 	$(BIN)/python benchmarks/loss_bench.py
 
-# every distillation method on the demo task, 3 seeds (~70 min on 2 cores), and the GSM8K study:
+# every distillation method on the demo task, 3 seeds (~55 min on 2 cores), and the GSM8K study (~35 min):
 # benchmarks/leaderboard/<task>/report.md and their sections of benchmarks/RESULTS.md
 leaderboard: $(STAMP)
 	$(BIN)/python benchmarks/quality.py

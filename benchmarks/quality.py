@@ -29,8 +29,8 @@ the same teacher source, and the difference from forward KL with a paired t-test
 the full study also replaces its section of benchmarks/RESULTS.md. Runs are kept under ``--runs``
 (default ``runs/leaderboard/<task>``) and reused (``resume=auto``): an interrupted study continues.
 
-    python benchmarks/quality.py                        # demo task, 18 methods x 3 seeds (~70 min, 2 cores)
-    python benchmarks/quality.py --task gsm8k           # the GSM8K study
+    python benchmarks/quality.py                        # demo task, 18 methods x 3 seeds (~55 min, 2 cores)
+    python benchmarks/quality.py --task gsm8k           # the GSM8K study (~35 min)
     python benchmarks/quality.py --quick --out DIR      # 1 seed, 20 steps, SFT and forward KL (the test suite)
 """
 from __future__ import annotations
