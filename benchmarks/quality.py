@@ -57,6 +57,7 @@ GSM8K = REPO.parent / "shared" / "data" / "gsm8k"
 RESULTS_MD = REPO / "benchmarks" / "RESULTS.md"
 BASELINE, LIVE_BASELINE = "forward KL", "forward KL (live teacher)"
 K = 5                                   # OR@k / CR@k
+TORCH_RANK_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
 SPEC = "leaderboard-run.json"           # beside each run: the recipe and overrides it was trained with
 
 
@@ -122,7 +123,9 @@ def kd_train(recipe: Path, overrides: list[str], log_path: Path) -> None:
     from train.demo import PINNED_ENV
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log(f"kd-train {recipe.relative_to(REPO) if recipe.is_relative_to(REPO) else recipe} {' '.join(overrides)}")
-    env = {**PINNED_ENV, "DS_ACCELERATOR": "cpu", **os.environ}
+    # the study launches its own ranks: a rank's variables left in this process's environment (torch's names)
+    # would make kd-train join a process group that does not exist
+    env = {**PINNED_ENV, "DS_ACCELERATOR": "cpu", **{k: v for k, v in os.environ.items() if k not in TORCH_RANK_VARS}}
     with open(log_path, "w") as f:
         rc = subprocess.run([sys.executable, "-m", "train", str(recipe), *overrides], cwd=REPO, env=env,
                             stdout=f, stderr=subprocess.STDOUT, check=False).returncode
