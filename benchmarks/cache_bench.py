@@ -39,7 +39,6 @@ import os
 import re
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -159,20 +158,13 @@ def step_section(args, work: Path) -> None:
 
 
 def kd_train(work: Path, name: str, overrides: list[str]) -> tuple[float, str]:
-    """One ``kd-train recipes/demo.yaml`` (2 ranks) with the demo's pinned kernels; (wall s, its log)."""
-    from train.demo import PINNED_ENV
+    """One ``kd-train recipes/demo.yaml`` (2 ranks, the demo's pinned kernels: ``quality.kd_train``);
+    (wall s, its log)."""
+    from quality import kd_train as run
     log = work / "logs" / f"{name}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "train", str(RECIPE), *overrides]
-    print(f"  [{time.strftime('%H:%M:%S')}] {' '.join(cmd[1:])}  > {log}", flush=True)
     t0 = time.time()
-    env = {**PINNED_ENV, **os.environ}         # the demo's kernels unless the caller set them
-    with open(log, "w") as f:
-        rc = subprocess.run(cmd, check=False, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
-    text = log.read_text()
-    if rc:
-        sys.exit(f"kd-train failed (exit {rc}); the end of {log}:\n" + "\n".join(text.splitlines()[-30:]))
-    return time.time() - t0, text
+    run(RECIPE, overrides, log)
+    return time.time() - t0, log.read_text()
 
 
 def demo_cache(work: Path, k: int, built: dict) -> dict:
